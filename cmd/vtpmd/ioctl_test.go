@@ -125,16 +125,16 @@ func ioctlFails(t *testing.T, ctrl, wantStderr string, args ...string) {
 
 // Raw TPM 2 commands.
 var (
-	tpmStartupClear = mustHex("80010000000c000001440000")
-	tpmGetRandom8   = mustHex("80010000000c0000017b0008")
+	tpmStartupClear = unhex("80010000000c000001440000")
+	tpmGetRandom8   = unhex("80010000000c0000017b0008")
 	// Fixed answer of a TPM that is not initialised (TPM_RC_FAILURE).
-	tpmRspFailure = mustHex("80010000000a00000101")
+	tpmRspFailure = unhex("80010000000a00000101")
 	// TPM_RC_INITIALIZE: initialised but no TPM2_Startup yet.
-	tpmRspInitialize = mustHex("80010000000a00000100")
-	tpmRspSuccess    = mustHex("80010000000a00000000")
+	tpmRspInitialize = unhex("80010000000a00000100")
+	tpmRspSuccess    = unhex("80010000000a00000000")
 )
 
-func mustHex(s string) []byte {
+func unhex(s string) []byte {
 	b, err := hex.DecodeString(strings.ReplaceAll(s, " ", ""))
 	if err != nil {
 		panic(err)
@@ -164,10 +164,10 @@ func tpmRoundTrip(t *testing.T, path string, cmd []byte) []byte {
 	require.NoError(t, c.SetDeadline(time.Now().Add(20*time.Second)))
 	_, err = c.Write(cmd)
 	require.NoError(t, err)
-	return readTPMResponse(t, c)
+	return recvTPMResponse(t, c)
 }
 
-func readTPMResponse(t *testing.T, c net.Conn) []byte {
+func recvTPMResponse(t *testing.T, c net.Conn) []byte {
 	t.Helper()
 	rsp := make([]byte, 10)
 	_, err := io.ReadFull(c, rsp)
@@ -186,7 +186,7 @@ func requireGetRandom(t *testing.T, data string) []byte {
 	t.Helper()
 	rsp := tpmRoundTrip(t, data, tpmGetRandom8)
 	require.Len(t, rsp, 20, "GetRandom response % x", rsp)
-	require.Equal(t, mustHex("800100000014000000000008"), rsp[:12], "GetRandom response % x", rsp)
+	require.Equal(t, unhex("800100000014000000000008"), rsp[:12], "GetRandom response % x", rsp)
 	return rsp[12:]
 }
 
@@ -195,7 +195,7 @@ func readPCR(t *testing.T, data string, pcr int) []byte {
 	t.Helper()
 	rsp := tpmRoundTrip(t, data, tpmPCRReadCmd(0x000b, pcr))
 	require.GreaterOrEqual(t, len(rsp), 10)
-	require.Equal(t, mustHex("8001"), rsp[:2])
+	require.Equal(t, unhex("8001"), rsp[:2])
 	require.Equal(t, uint32(0), binary.BigEndian.Uint32(rsp[6:]), "PCR_Read rc in % x", rsp)
 	// header | pcrUpdateCounter | TPML_PCR_SELECTION (1 x {alg, 3, bitmap}) | TPML_DIGEST
 	sel := append([]byte{0, 0, 0, 1, 0, 0x0b}, tpmPCRReadCmd(0x000b, pcr)[16:]...)
@@ -553,7 +553,7 @@ func TestIoctlRawControl(t *testing.T) {
 	requireGetRandom(t, s.data)
 
 	t.Run("GetCapability", func(t *testing.T) {
-		reply, _, _ := ctrlRoundTrip(t, s.ctrl, mustHex("00000001"), 5*time.Second)
+		reply, _, _ := ctrlRoundTrip(t, s.ctrl, unhex("00000001"), 5*time.Second)
 		require.Len(t, reply, 8)
 		require.Equal(t, "00000000", hex.EncodeToString(reply[:4]))
 		if testingPeer() {
@@ -561,25 +561,25 @@ func TestIoctlRawControl(t *testing.T) {
 		}
 	})
 	t.Run("GetTPMEstablished", func(t *testing.T) {
-		ctrlOK(t, s.ctrl, mustHex("00000004"), mustHex("00000000 00000000"))
+		ctrlOK(t, s.ctrl, unhex("00000004"), unhex("00000000 00000000"))
 	})
 	t.Run("GetConfig", func(t *testing.T) {
-		ctrlOK(t, s.ctrl, mustHex("0000000f"), mustHex("00000000 00000000"))
+		ctrlOK(t, s.ctrl, unhex("0000000f"), unhex("00000000 00000000"))
 	})
 	t.Run("SetLocalityQEMUStyle", func(t *testing.T) {
 		// QEMU sends the locality followed by three zero bytes.
-		ctrlOK(t, s.ctrl, mustHex("00000005 00000000"), mustHex("00000000"))
+		ctrlOK(t, s.ctrl, unhex("00000005 00000000"), unhex("00000000"))
 	})
 	t.Run("ResetEstablishedWithJunk", func(t *testing.T) {
 		// Only byte 0 of the body counts (QEMU leaves junk in 1..3).
-		ctrlOK(t, s.ctrl, mustHex("0000000b 03a5a5a5"), mustHex("00000000"))
-		ctrlOK(t, s.ctrl, mustHex("0000000b 00a5a5a5"), mustHex("0000003d"))
+		ctrlOK(t, s.ctrl, unhex("0000000b 03a5a5a5"), unhex("00000000"))
+		ctrlOK(t, s.ctrl, unhex("0000000b 00a5a5a5"), unhex("0000003d"))
 	})
 	t.Run("GetInfoNoFlags", func(t *testing.T) {
-		ctrlOK(t, s.ctrl, mustHex("00000012 0000000000000000 00000000 00000000"), mustHex("00000000 00000003 00000003 7b7d00"))
+		ctrlOK(t, s.ctrl, unhex("00000012 0000000000000000 00000000 00000000"), unhex("00000000 00000003 00000003 7b7d00"))
 	})
 	t.Run("GetInfoOffset", func(t *testing.T) {
-		full, _, _ := ctrlRoundTrip(t, s.ctrl, mustHex("00000012 0000000000000001 00000000 00000000"), 5*time.Second)
+		full, _, _ := ctrlRoundTrip(t, s.ctrl, unhex("00000012 0000000000000001 00000000 00000000"), 5*time.Second)
 		require.GreaterOrEqual(t, len(full), 12)
 		tot := binary.BigEndian.Uint32(full[4:])
 		require.Equal(t, "00000000", hex.EncodeToString(full[:4]))
@@ -591,15 +591,15 @@ func TestIoctlRawControl(t *testing.T) {
 		} else {
 			require.Equal(t, vtpmdInfoSpec+"\x00", string(full[12:]))
 		}
-		tail, _, _ := ctrlRoundTrip(t, s.ctrl, mustHex("00000012 0000000000000001 0000000a 00000000"), 5*time.Second)
+		tail, _, _ := ctrlRoundTrip(t, s.ctrl, unhex("00000012 0000000000000001 0000000a 00000000"), 5*time.Second)
 		want := binary.BigEndian.AppendUint32(nil, 0)
 		want = binary.BigEndian.AppendUint32(want, tot)
 		want = binary.BigEndian.AppendUint32(want, tot-10)
 		want = append(want, full[12+10:]...)
 		require.Equal(t, hex.EncodeToString(want), hex.EncodeToString(tail))
 		// Offset at or past the end of the string: TPM_BAD_PARAMETER.
-		msg := binary.BigEndian.AppendUint32(mustHex("00000012 0000000000000001"), tot-1)
-		ctrlOK(t, s.ctrl, append(msg, 0, 0, 0, 0), mustHex("00000003"))
+		msg := binary.BigEndian.AppendUint32(unhex("00000012 0000000000000001"), tot-1)
+		ctrlOK(t, s.ctrl, append(msg, 0, 0, 0, 0), unhex("00000003"))
 	})
 
 	bad := []struct {
@@ -607,17 +607,17 @@ func TestIoctlRawControl(t *testing.T) {
 		msg   []byte
 		reply []byte // nil: no reply, the daemon closes the connection
 	}{
-		{"UnknownCode", mustHex("00000099"), mustHex("0000000a")},
-		{"SetLocality5", mustHex("0000000505"), mustHex("0000003d")},
-		{"ResetEstablishedLocality5", mustHex("0000000b05"), mustHex("0000003d")},
-		{"InitBody5Bytes", mustHex("00000002 0000000000"), mustHex("00000003")},
-		{"GetInfoNoBody", mustHex("00000012"), mustHex("00000003")},
-		{"ShortCode", mustHex("000000"), nil},
-		{"InitNoBody", mustHex("00000002"), nil},
-		{"InitBody3Bytes", mustHex("00000002 000000"), nil},
-		{"SetLocalityNoBody", mustHex("00000005"), nil},
-		{"HashDataNoLength", mustHex("00000007"), nil},
-		{"GetStateBlobShort", mustHex("0000000c 00000001"), nil},
+		{"UnknownCode", unhex("00000099"), unhex("0000000a")},
+		{"SetLocality5", unhex("0000000505"), unhex("0000003d")},
+		{"ResetEstablishedLocality5", unhex("0000000b05"), unhex("0000003d")},
+		{"InitBody5Bytes", unhex("00000002 0000000000"), unhex("00000003")},
+		{"GetInfoNoBody", unhex("00000012"), unhex("00000003")},
+		{"ShortCode", unhex("000000"), nil},
+		{"InitNoBody", unhex("00000002"), nil},
+		{"InitBody3Bytes", unhex("00000002 000000"), nil},
+		{"SetLocalityNoBody", unhex("00000005"), nil},
+		{"HashDataNoLength", unhex("00000007"), nil},
+		{"GetStateBlobShort", unhex("0000000c 00000001"), nil},
 	}
 	for _, tc := range bad {
 		t.Run(tc.name, func(t *testing.T) {
@@ -638,38 +638,38 @@ func TestIoctlRawControl(t *testing.T) {
 	t.Run("TPMCommandSizeFieldTooLarge", func(t *testing.T) {
 		// The size field says 32 bytes, 12 are sent: the command is what
 		// arrived, and it is answered with TPM_RC_COMMAND_SIZE.
-		require.Equal(t, mustHex("80010000000a00000142"), tpmRoundTrip(t, s.data, mustHex("800100000020 0000017b 0008")))
+		require.Equal(t, unhex("80010000000a00000142"), tpmRoundTrip(t, s.data, unhex("800100000020 0000017b 0008")))
 		requireGetRandom(t, s.data)
 	})
 	t.Run("TPMCommandSizeFieldTooSmall", func(t *testing.T) {
-		require.Equal(t, mustHex("80010000000a00000142"), tpmRoundTrip(t, s.data, mustHex("80010000000a 0000017b 0008")))
+		require.Equal(t, unhex("80010000000a00000142"), tpmRoundTrip(t, s.data, unhex("80010000000a 0000017b 0008")))
 		requireGetRandom(t, s.data)
 	})
 	t.Run("TPMCommand5000Bytes", func(t *testing.T) {
 		// Larger than the 4096-byte buffer: the first answer is
 		// TPM_RC_COMMAND_SIZE; whatever may follow is not looked at.
 		cmd := make([]byte, 5000)
-		copy(cmd, mustHex("800100001388 0000017b 0008"))
-		require.Equal(t, mustHex("80010000000a00000142"), tpmRoundTrip(t, s.data, cmd))
+		copy(cmd, unhex("800100001388 0000017b 0008"))
+		require.Equal(t, unhex("80010000000a00000142"), tpmRoundTrip(t, s.data, cmd))
 		requireGetRandom(t, s.data)
 	})
 	t.Run("TPMCommandTruncatedHeader", func(t *testing.T) {
 		// Fewer than 10 bytes, then the client gives up.
 		c, err := net.Dial("unix", s.data)
 		require.NoError(t, err)
-		_, err = c.Write(mustHex("8001000000"))
+		_, err = c.Write(unhex("8001000000"))
 		require.NoError(t, err)
 		time.Sleep(100 * time.Millisecond)
 		c.Close()
 		requireGetRandom(t, s.data)
 	})
 	t.Run("TPMCommandBadTag", func(t *testing.T) {
-		rsp := tpmRoundTrip(t, s.data, mustHex("12340000000c 0000017b 0008"))
+		rsp := tpmRoundTrip(t, s.data, unhex("12340000000c 0000017b 0008"))
 		if testingPeer() {
-			require.Equal(t, mustHex("80010000000a00000084"), rsp)
+			require.Equal(t, unhex("80010000000a00000084"), rsp)
 		} else {
 			// The reference TPM answers TPM_RC_BAD_TAG.
-			require.Equal(t, mustHex("80010000000a0000001e"), rsp)
+			require.Equal(t, unhex("80010000000a0000001e"), rsp)
 		}
 		requireGetRandom(t, s.data)
 	})
@@ -680,7 +680,7 @@ func TestIoctlRawControl(t *testing.T) {
 		require.NoError(t, err)
 		defer c.Close()
 		require.NoError(t, c.SetDeadline(time.Now().Add(10*time.Second)))
-		_, err = c.Write(append(mustHex("00000008 00 0000000c"), tpmGetRandom8...))
+		_, err = c.Write(append(unhex("00000008 00 0000000c"), tpmGetRandom8...))
 		require.NoError(t, err)
 		rsp := make([]byte, 4+20+4)
 		_, err = io.ReadFull(c, rsp)
@@ -697,8 +697,8 @@ func TestIoctlRawControl(t *testing.T) {
 		for i := 0; i < 3; i++ {
 			_, err = c.Write(tpmGetRandom8)
 			require.NoError(t, err)
-			rsp := readTPMResponse(t, c)
-			require.Equal(t, mustHex("800100000014000000000008"), rsp[:12])
+			rsp := recvTPMResponse(t, c)
+			require.Equal(t, unhex("800100000014000000000008"), rsp[:12])
 		}
 	})
 }
