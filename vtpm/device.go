@@ -97,6 +97,9 @@ type Device struct {
 	lastOrdinal uint32
 	response    [MaxBufferSize]byte
 
+	// Images set by SetState, applied by the next Init.
+	pending [partCount]*Image
+
 	// What the Store holds now, to skip writes that change nothing.
 	saved            []byte
 	savedEstablished bool
@@ -164,17 +167,22 @@ func (d *Device) Init(deleteVolatile bool) error {
 			return fmt.Errorf("init TPM: %w", err)
 		}
 	}
-	img, err := d.load()
-	if err != nil {
-		return fmt.Errorf("init TPM: %w", err)
+	img, fromBlob := d.pendingImage()
+	if img == nil {
+		var err error
+		if img, err = d.load(); err != nil {
+			return fmt.Errorf("init TPM: %w", err)
+		}
+		d.saved, d.savedEstablished, d.savedResume = img.NV, img.Established, img.Resume
+	} else {
+		d.saved = nil // store what was set, whatever the store held
 	}
 	nvImport(img.NV)
 	powerCycle()
-	d.saved, d.savedEstablished, d.savedResume = img.NV, img.Established, img.Resume
 	d.established, d.resume = img.Established, false
 	d.lastOrdinal = 0
 	d.running = true
-	if img.Resume && !deleteVolatile {
+	if img.Resume && (fromBlob || !deleteVolatile) {
 		if rc := d.runRC(shutdownOrStartup(ccStartup, StartupState)); rc != rcSuccess {
 			d.log.Warn("stored state could not resume; the guest starts the TPM itself", "rc", fmt.Sprintf("%#x", rc))
 		}
@@ -184,6 +192,18 @@ func (d *Device) Init(deleteVolatile bool) error {
 		return fmt.Errorf("init TPM: %w", err)
 	}
 	return nil
+}
+
+// pendingImage takes the image set by SetState, the volatile one first, as
+// it holds the whole state.
+func (d *Device) pendingImage() (*Image, bool) {
+	defer func() { d.pending = [partCount]*Image{} }()
+	for _, part := range []StatePart{PartVolatile, PartPermanent} {
+		if img := d.pending[part]; img != nil {
+			return img, true
+		}
+	}
+	return nil, false
 }
 
 // load reads the stored image, manufacturing and storing a new TPM if there
@@ -472,4 +492,70 @@ func shutdownOrStartup(cc uint32, su StartupType) []byte {
 	binary.BigEndian.PutUint32(b[6:], cc)
 	binary.BigEndian.PutUint16(b[10:], uint16(su))
 	return b
+}
+
+// StatePart selects a state image for State and SetState.
+type StatePart int
+
+// State parts, as swtpm's blob types.
+const (
+	// PartPermanent is the state as stored.
+	PartPermanent StatePart = 1
+	// PartVolatile is the whole state after an orderly
+	// TPM2_Shutdown(STATE), marked to resume where it was.
+	PartVolatile StatePart = 2
+	partCount               = 3
+)
+
+// State returns a state image for migration or backup. For PartVolatile it
+// sends TPM2_Shutdown(STATE) unless the guest just did; the TPM goes on
+// running, and commands after it are not in the image. The engine cannot
+// capture loaded objects, sessions and PCRs 16-23, so those are lost.
+func (d *Device) State(part StatePart) ([]byte, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if !d.running {
+		return nil, fmt.Errorf("get state: %w", ErrNotRunning)
+	}
+	img := &Image{Engine: EngineVersion, Established: d.established}
+	switch part {
+	case PartPermanent:
+		img.NV = d.saved
+	case PartVolatile:
+		img.Resume = d.lastOrdinal == ccShutdown || d.runRC(shutdownOrStartup(ccShutdown, StartupState)) == rcSuccess
+		if err := d.persist(); err != nil {
+			return nil, fmt.Errorf("get volatile state: %w", err)
+		}
+		img.NV = d.saved
+	default:
+		return nil, fmt.Errorf("get state: %w: part %d", ErrNoSuchState, part)
+	}
+	return img.MarshalBinary()
+}
+
+// ErrNoSuchState: the engine has no state of that kind.
+var ErrNoSuchState = errors.New("no such state")
+
+// SetState checks an image and keeps it for the next Init, which loads it
+// in place of the stored state and stores it. An empty image clears what
+// was set. The TPM must be stopped.
+func (d *Device) SetState(part StatePart, image []byte) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.running {
+		return fmt.Errorf("set state: %w", ErrRunning)
+	}
+	if part != PartPermanent && part != PartVolatile {
+		return fmt.Errorf("set state: %w: part %d", ErrNoSuchState, part)
+	}
+	if len(image) == 0 {
+		d.pending[part] = nil
+		return nil
+	}
+	img, err := ParseImage(image)
+	if err != nil {
+		return fmt.Errorf("set state: %w", err)
+	}
+	d.pending[part] = img
+	return nil
 }

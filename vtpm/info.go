@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"strings"
+
+	"github.com/google/go-tpm-tools/simulator"
 )
 
 // EngineInfo describes the engine as the TPM itself reports it.
@@ -109,4 +111,26 @@ func readEngineInfo(d *Device) (EngineInfo, error) {
 		}
 	}
 	return info, nil
+}
+
+// InfoJSON is CMD_GET_INFO's JSON for flags.
+func (d *Device) InfoJSON(flags uint64) string { return d.info.JSON(flags) }
+
+// Describe starts the engine briefly to read its description, for callers
+// that have no Device, such as --print-capabilities.
+func Describe() (*EngineInfo, error) {
+	if !engineTaken.CompareAndSwap(false, true) {
+		return nil, fmt.Errorf("describe TPM: %w", ErrEngineInUse)
+	}
+	defer engineTaken.Store(false)
+	sim, err := simulator.Get()
+	if err != nil {
+		return nil, fmt.Errorf("describe TPM: start engine: %w", err)
+	}
+	defer sim.Close()
+	info, err := readEngineInfo(&Device{sim: sim})
+	if err != nil {
+		return nil, fmt.Errorf("describe TPM: %w", err)
+	}
+	return &info, nil
 }

@@ -1,12 +1,81 @@
-// Command vtpmd serves virtual TPM 2.0 devices to virtual machines.
+// Command vtpmd serves virtual TPM 2.0 devices to virtual machines. Its
+// `socket` command is a drop-in for `swtpm socket --tpm2`.
 package main
 
 import (
 	"fmt"
+	"io"
 	"os"
+	"path/filepath"
+
+	"github.com/vtpmd/vtpmd/vtpm"
 )
 
+// version is vtpmd's version, reported where swtpm reports its own.
+const version = "0.1.0"
+
 func main() {
-	fmt.Fprintln(os.Stderr, "vtpmd: not yet implemented")
-	os.Exit(1)
+	if err := run(os.Args, os.Stdout); err != nil {
+		fmt.Fprintln(os.Stderr, "vtpmd:", err)
+		os.Exit(1)
+	}
 }
+
+// run dispatches on the command. Installed under swtpm's name, vtpmd takes
+// swtpm's command line.
+func run(args []string, stdout io.Writer) error {
+	if filepath.Base(args[0]) == "swtpm" && len(args) > 1 && args[1] == "socket" {
+		return runSocket(args[2:], stdout)
+	}
+	if len(args) < 2 {
+		fmt.Fprint(stdout, usage)
+		return fmt.Errorf("missing command")
+	}
+	switch args[1] {
+	case "socket":
+		return runSocket(args[2:], stdout)
+	case "-v", "--version", "version":
+		_, err := fmt.Fprintf(stdout, "TPM emulator version %s, vtpmd (TPM 2.0 engine: %s)\n", version, vtpm.EngineVersion)
+		return err
+	case "-h", "--help", "help":
+		_, err := fmt.Fprint(stdout, usage)
+		return err
+	case "chardev", "cuse":
+		return fmt.Errorf("Unsupported TPM interface %q: vtpmd serves the socket interface", args[1])
+	}
+	return fmt.Errorf("unknown command %q (see vtpmd --help)", args[1])
+}
+
+const usage = `Usage: vtpmd <command> [options]
+
+Commands:
+  socket     serve one TPM 2.0 over swtpm's control and data channels
+             (the command line of 'swtpm socket'; see 'vtpmd socket --help')
+  --version  print the version
+
+Installed as 'swtpm', vtpmd takes swtpm's command line.
+`
+
+const socketUsage = `Usage: vtpmd socket --tpm2 [options]
+
+Serves one TPM 2.0 with swtpm's protocol. Options (as swtpm's):
+--tpm2           : emulate a TPM 2.0 (required; TPM 1.2 is not emulated)
+--tpmstate dir=<dir>[,mode=0600][,lock[=true|false]][,fsync] | backend-uri=dir://<dir>
+                 : the TPM's state directory (or $TPM_PATH)
+--ctrl type=unixio,path=<path>[,mode=0600][,uid=][,gid=][,terminate]
+--ctrl type=unixio,fd=<listening fd>|clientfd=<connected fd>
+--ctrl type=tcp,port=<port>[,bindaddr=127.0.0.1][,ifname=][,terminate] | type=tcp,fd=<fd>
+                 : the control channel
+--server type=unixio,path=<path>[,mode=0600][,uid=][,gid=][,disconnect] | type=unixio,fd=<listening fd>
+--server type=tcp,port=<port>[,bindaddr=][,ifname=][,disconnect] | type=tcp,fd=<connected fd>
+                 : the data channel (QEMU passes it with CMD_SET_DATAFD instead)
+-p|--port <port> : the same as --server type=tcp,port=<port>,disconnect
+-f|--fd <fd>     : the same as --server type=tcp,fd=<fd>
+-t|--terminate   : end when the data connection closes
+--flags [not-need-init][,startup-clear|startup-state|startup-none][,disable-auto-shutdown]
+--locality reject-locality-4
+--log file=<path>|fd=<fd>[,level=n][,prefix=<prefix>][,truncate]
+--pid file=<path>|fd=<fd>
+-d|--daemon      : run in the background once serving
+--print-capabilities, --print-states, -h|--help
+`

@@ -1,0 +1,340 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"github.com/vtpmd/vtpmd/state"
+	"github.com/vtpmd/vtpmd/transport"
+	"github.com/vtpmd/vtpmd/vtpm"
+)
+
+// runSocket is `vtpmd socket`: swtpm's `swtpm socket --tpm2`.
+func runSocket(args []string, stdout io.Writer) error {
+	c, err := parseSocketConfig(args)
+	if err != nil {
+		return err
+	}
+	switch {
+	case c.help:
+		fmt.Fprint(stdout, socketUsage)
+		return nil
+	case c.printCapabilities:
+		return printCapabilities(stdout)
+	case c.printStates:
+		return printStates(stdout, c.stateDir)
+	case !c.tpm2:
+		return errors.New("socket: vtpmd emulates TPM 2.0 only: pass --tpm2")
+	case c.daemon && os.Getenv(daemonEnv) == "":
+		return daemonize()
+	}
+	log, closeLog, err := c.logger()
+	if err != nil {
+		return err
+	}
+	defer closeLog()
+	if err := serveSocket(c, log); err != nil {
+		log.Error("vtpmd socket failed", "err", err)
+		return err
+	}
+	return nil
+}
+
+func serveSocket(c *socketConfig, log *slog.Logger) error {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	defer stop()
+
+	store := &state.Dir{Path: c.stateDir, Mode: c.stateMode}
+	if c.stateLock {
+		if err := store.Lock(); err != nil {
+			return err
+		}
+		defer store.Unlock()
+	}
+	dev, err := vtpm.Open(vtpm.Config{
+		Store:               store,
+		Logger:              log,
+		DisableAutoShutdown: c.disableAutoShutdown,
+		RejectLocality4:     c.rejectLocality4,
+	})
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err := dev.Close(); err != nil {
+			log.Error("TPM state not stored at exit", "err", err)
+		}
+	}()
+	if c.notNeedInit {
+		if err := dev.Init(false); err != nil {
+			return err
+		}
+		switch c.startup {
+		case "clear":
+			err = dev.Startup(vtpm.StartupClear)
+		case "state":
+			err = dev.Startup(vtpm.StartupState)
+		}
+		if err != nil {
+			return err
+		}
+	}
+
+	srv := &transport.Server{
+		TPM:           dev,
+		Log:           log,
+		Terminate:     c.terminate,
+		CtrlTerminate: c.ctrl != nil && c.ctrl.terminate,
+		Disconnect:    c.server != nil && c.server.disconnect,
+	}
+	errs := make(chan error, 2)
+	for _, ch := range []struct {
+		e     *endpoint
+		serve func(context.Context, net.Listener) error
+		conn  func(context.Context, net.Conn)
+	}{
+		{c.ctrl, srv.ServeControl, srv.ServeControlConn},
+		{c.server, srv.ServeData, srv.ServeDataConn},
+	} {
+		if ch.e == nil {
+			continue
+		}
+		l, conn, cleanup, err := ch.e.open()
+		if err != nil {
+			return err
+		}
+		defer cleanup()
+		if conn != nil {
+			go ch.conn(ctx, conn)
+			continue
+		}
+		go func() { errs <- ch.serve(ctx, l) }()
+	}
+	if err := c.writePid(); err != nil {
+		return err
+	}
+	defer c.removePid()
+	notifyReady(log)
+	if err := reportDaemonReady(); err != nil {
+		return err
+	}
+	log.Info("serving", "state", c.stateDir)
+	select {
+	case <-ctx.Done():
+		log.Info("ending on signal")
+	case <-srv.Done():
+	case err := <-errs:
+		return err
+	}
+	return nil
+}
+
+// open creates the endpoint's listener, or wraps its connected descriptor.
+// cleanup closes it and removes a socket file vtpmd created.
+func (e *endpoint) open() (net.Listener, net.Conn, func(), error) {
+	switch {
+	case e.connFD >= 0:
+		conn, err := fileConn(e.connFD)
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		return nil, conn, func() { conn.Close() }, nil
+	case e.fd >= 0:
+		f := os.NewFile(uintptr(e.fd), "fd "+strconv.Itoa(e.fd))
+		l, err := net.FileListener(f)
+		f.Close()
+		if err != nil {
+			return nil, nil, nil, fmt.Errorf("listen on inherited descriptor %d: %w", e.fd, err)
+		}
+		return l, nil, func() { l.Close() }, nil
+	case e.network == "unix":
+		l, err := listenUnix(e.path, e.mode, e.uid, e.gid)
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		return l, nil, func() { l.Close() }, nil
+	default:
+		l, err := net.Listen("tcp", e.addr)
+		if err != nil {
+			return nil, nil, nil, fmt.Errorf("listen on %s: %w", e.addr, err)
+		}
+		return l, nil, func() { l.Close() }, nil
+	}
+}
+
+func fileConn(fd int) (net.Conn, error) {
+	f := os.NewFile(uintptr(fd), "fd "+strconv.Itoa(fd))
+	defer f.Close()
+	conn, err := net.FileConn(f)
+	if err != nil {
+		return nil, fmt.Errorf("use descriptor %d as a connected socket: %w", fd, err)
+	}
+	return conn, nil
+}
+
+// listenUnix listens on path, replacing a stale socket file, with the given
+// mode and owner. The listener removes the file when closed.
+func listenUnix(path string, mode os.FileMode, uid, gid int) (net.Listener, error) {
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("remove old socket %s: %w", path, err)
+	}
+	// The umask keeps the socket private until its mode is set.
+	old := syscall.Umask(0o177)
+	l, err := net.Listen("unix", path)
+	syscall.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	err = os.Chmod(path, mode)
+	if err == nil && (uid >= 0 || gid >= 0) {
+		err = os.Lchown(path, uid, gid)
+	}
+	if err != nil {
+		l.Close()
+		return nil, fmt.Errorf("set mode and owner of %s: %w", path, err)
+	}
+	return l, nil
+}
+
+func (c *socketConfig) writePid() error {
+	pid := []byte(strconv.Itoa(os.Getpid()))
+	switch {
+	case c.pidPath != "":
+		if err := os.WriteFile(c.pidPath, pid, 0o644); err != nil {
+			return fmt.Errorf("write pid file: %w", err)
+		}
+	case c.pidFD >= 0:
+		f := os.NewFile(uintptr(c.pidFD), "pid fd")
+		defer f.Close()
+		if fi, err := f.Stat(); err != nil || !fi.Mode().IsRegular() {
+			return fmt.Errorf("--pid fd=%d is not a regular file", c.pidFD)
+		}
+		if _, err := f.Write(pid); err != nil {
+			return fmt.Errorf("write pid to fd %d: %w", c.pidFD, err)
+		}
+	}
+	return nil
+}
+
+func (c *socketConfig) removePid() {
+	if c.pidPath != "" {
+		os.Remove(c.pidPath)
+	}
+}
+
+// notifyReady tells systemd that the TPM is ready, when it asks.
+func notifyReady(log *slog.Logger) {
+	addr := os.Getenv("NOTIFY_SOCKET")
+	if addr == "" {
+		return
+	}
+	if addr[0] == '@' {
+		addr = "\x00" + addr[1:]
+	}
+	conn, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: addr, Net: "unixgram"})
+	if err == nil {
+		_, err = conn.Write([]byte("READY=1"))
+		conn.Close()
+	}
+	if err != nil {
+		log.Warn("systemd notification failed", "err", err)
+	}
+}
+
+// logger builds the logger of --log: a file, a descriptor, nothing for
+// file=-, and warnings on stderr when --log is not given.
+func (c *socketConfig) logger() (*slog.Logger, func(), error) {
+	level := slog.LevelInfo
+	if c.logLevel >= 5 {
+		level = slog.LevelDebug
+	}
+	var w io.Writer
+	closeLog := func() {}
+	switch {
+	case c.logPath == "-":
+		return slog.New(slog.DiscardHandler), closeLog, nil
+	case c.logPath != "":
+		flags := os.O_WRONLY | os.O_CREATE | os.O_APPEND
+		if c.logTruncate {
+			flags |= os.O_TRUNC
+		}
+		f, err := os.OpenFile(c.logPath, flags, 0o600)
+		if err != nil {
+			return nil, nil, fmt.Errorf("open log file: %w", err)
+		}
+		w, closeLog = f, func() { f.Close() }
+	case c.logFD >= 0:
+		w = os.NewFile(uintptr(c.logFD), "log fd")
+	default:
+		w, level = os.Stderr, slog.LevelWarn
+	}
+	if c.logPrefix != "" {
+		w = &prefixWriter{w: w, prefix: c.logPrefix}
+	}
+	log := slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level}))
+	return log.With("vm", c.stateDir), closeLog, nil
+}
+
+// prefixWriter puts --log prefix= before every line; slog writes one line
+// per call.
+type prefixWriter struct {
+	w      io.Writer
+	prefix string
+}
+
+func (p *prefixWriter) Write(b []byte) (int, error) {
+	if _, err := io.WriteString(p.w, p.prefix); err != nil {
+		return 0, err
+	}
+	return p.w.Write(b)
+}
+
+// printCapabilities prints swtpm's capability JSON with only the features
+// vtpmd has; the RSA key sizes are those the engine accepts.
+func printCapabilities(w io.Writer) error {
+	info, err := vtpm.Describe()
+	if err != nil {
+		return err
+	}
+	features := []string{
+		"tpm-2.0", "tpm-send-command-header", "flags-opt-startup", "flags-opt-disable-auto-shutdown",
+		"ctrl-opt-terminate", "cmdarg-print-states", "nvram-backend-dir", "tpmstate-opt-lock",
+		"tpmstate-dir-backend-opt-fsync",
+	}
+	for _, bits := range info.RSAKeySizes {
+		features = append(features, fmt.Sprintf("rsa-keysize-%d", bits))
+	}
+	features = append(features, "systemd-notify")
+	quoted, err := json.Marshal(features)
+	if err != nil {
+		return err
+	}
+	// swtpm's spacing, which some callers match literally.
+	list := string(quoted[1 : len(quoted)-1])
+	list = strings.ReplaceAll(list, `","`, `", "`)
+	_, err = fmt.Fprintf(w, "{ \"type\": \"swtpm\", \"features\": [ %s ], \"version\": %q }\n", list, version)
+	return err
+}
+
+// printStates prints swtpm's --print-states JSON. vtpmd keeps the whole
+// state in one image, reported under swtpm's name "permall".
+func printStates(w io.Writer, dir string) error {
+	size, err := (&state.Dir{Path: dir}).Size()
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		_, err = fmt.Fprintln(w, `{ "type": "swtpm", "states": [] }`)
+	case err == nil:
+		_, err = fmt.Fprintf(w, "{ \"type\": \"swtpm\", \"states\": [ {\"name\": \"permall\", \"size\": %d} ] }\n", size)
+	}
+	return err
+}

@@ -1,0 +1,9 @@
+// Package transport speaks swtpm's wire protocol: the control channel, with
+// one typed struct per message and a single codec, and the data channel that
+// carries TPM commands, over unix sockets, TCP, a descriptor passed with
+// CMD_SET_DATAFD, or a connected descriptor. A Server serves one TPM, given
+// as the small TPM interface, to one control client at a time, the way
+// swtpm does, so QEMU, libvirt, swtpm_ioctl and the swtpm TCTI work
+// unchanged. The package knows the wire only: the TPM behind it and how its
+// state is kept are the caller's.
+package transport
