@@ -504,7 +504,7 @@ const (
 	// PartVolatile is the whole state after an orderly
 	// TPM2_Shutdown(STATE), marked to resume where it was.
 	PartVolatile StatePart = 2
-	partCount               = 3
+	partCount              = 3
 )
 
 // State returns a state image for migration or backup. For PartVolatile it
