@@ -283,12 +283,12 @@ func (s *Server) getStateBlob(req GetStateBlobRequest) Reply {
 		return GetStateBlobReply{Result: ResultRetry}
 	}
 	image, err := s.TPM.State(part)
-	if err != nil {
-		if errors.Is(err, vtpm.ErrNoSuchState) {
-			return GetStateBlobReply{Result: ResultFail}
-		}
-		r := s.result(err).(ResultReply)
-		return GetStateBlobReply{Result: r.Result}
+	switch {
+	case errors.Is(err, vtpm.ErrNoSuchState):
+		return GetStateBlobReply{Result: ResultFail}
+	case err != nil:
+		// Not running: refused before the handler, with 4 bytes as swtpm.
+		return s.result(err)
 	}
 	blob := WrapStateBlob(image)
 	if int(req.Offset) > len(blob) {

@@ -1,6 +1,8 @@
 package vtpm
 
 import (
+	"bytes"
+	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -26,6 +28,7 @@ const (
 	imageMagic   = "VTPM"
 	imageVersion = 1
 	imageHeader  = 4 + 2 + 2 + 4 + 2 // magic, version, flags, NV size, engine length
+	imageDigest  = sha256.Size       // SHA-256 of all before it, against corruption
 
 	flagEstablished = 1 << 0
 	flagResume      = 1 << 1
@@ -63,14 +66,16 @@ func (img *Image) MarshalBinary() ([]byte, error) {
 	if img.Resume {
 		flags |= flagResume
 	}
-	out := make([]byte, 0, imageHeader+len(img.Engine)+NVSize)
+	out := make([]byte, 0, imageHeader+len(img.Engine)+NVSize+imageDigest)
 	out = append(out, imageMagic...)
 	out = binary.BigEndian.AppendUint16(out, imageVersion)
 	out = binary.BigEndian.AppendUint16(out, flags)
 	out = binary.BigEndian.AppendUint32(out, NVSize)
 	out = binary.BigEndian.AppendUint16(out, uint16(len(img.Engine)))
 	out = append(out, img.Engine...)
-	return append(out, img.NV...), nil
+	out = append(out, img.NV...)
+	digest := sha256.Sum256(out)
+	return append(out, digest[:]...), nil
 }
 
 // ParseImage decodes an image and checks that this build's engine can load
@@ -93,10 +98,14 @@ func ParseImage(b []byte) (*Image, error) {
 		return nil, fmt.Errorf("%w: NV size %d, this engine has %d", ErrBadImage, n, NVSize)
 	}
 	engineLen := int(binary.BigEndian.Uint16(b[12:]))
-	rest := b[imageHeader:]
-	if len(rest) != engineLen+NVSize {
-		return nil, fmt.Errorf("%w: %d bytes after the header, want %d", ErrBadImage, len(rest), engineLen+NVSize)
+	if want := imageHeader + engineLen + NVSize + imageDigest; len(b) != want {
+		return nil, fmt.Errorf("%w: %d bytes, want %d", ErrBadImage, len(b), want)
 	}
+	body := b[:len(b)-imageDigest]
+	if digest := sha256.Sum256(body); !bytes.Equal(digest[:], b[len(body):]) {
+		return nil, fmt.Errorf("%w: digest mismatch (the image is corrupt)", ErrBadImage)
+	}
+	rest := body[imageHeader:]
 	img := &Image{
 		Engine:      string(rest[:engineLen]),
 		Established: flags&flagEstablished != 0,
