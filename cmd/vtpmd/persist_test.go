@@ -2,7 +2,6 @@ package main
 
 import (
 	"os"
-	"path/filepath"
 	"syscall"
 	"testing"
 	"time"
@@ -71,7 +70,7 @@ func TestPersist(t *testing.T) {
 	// tools' work files carried over.
 	restart := func(t *testing.T) *toolsTPM {
 		t.Helper()
-		require.FileExists(t, filepath.Join(stateDir, "tpm2-00.permall"))
+		require.FileExists(t, stateFile(stateDir))
 		next := startToolsTPM(t, stateDir, "")
 		next.work = work
 		return next
@@ -93,10 +92,12 @@ func TestPersist(t *testing.T) {
 	require.NoError(t, tt.err, "exit status after SIGTERM")
 	tt = restart(t)
 	check(t, tt)
-	// The state written by the restarted daemons is still in the swtpm
-	// envelope (version 2, min version 1, header size 10).
-	b, err := os.ReadFile(filepath.Join(stateDir, "tpm2-00.permall"))
+	b, err := os.ReadFile(stateFile(stateDir))
 	require.NoError(t, err)
 	require.Greater(t, len(b), 16)
-	require.Equal(t, []byte{2, 1, 0, 10}, b[:4])
+	if testingPeer() {
+		// swtpm's state file envelope: version 2, min version 1, header
+		// size 10.
+		require.Equal(t, []byte{2, 1, 0, 10}, b[:4])
+	}
 }
