@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -97,7 +98,7 @@ func (d *daemon) stop(t *testing.T) {
 		return
 	default:
 	}
-	_ = d.cmd.Process.Signal(os.Interrupt)
+	_ = d.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-d.done:
 	case <-time.After(5 * time.Second):

@@ -34,6 +34,8 @@ func run(args []string, stdout io.Writer) error {
 	switch args[1] {
 	case "socket":
 		return runSocket(args[2:], stdout)
+	case "qemu":
+		return runQEMU(args[2:], stdout)
 	case "-v", "--version", "version":
 		_, err := fmt.Fprintf(stdout, "TPM emulator version %s, vtpmd (TPM 2.0 engine: %s)\n", version, vtpm.EngineVersion)
 		return err
@@ -51,6 +53,9 @@ const usage = `Usage: vtpmd <command> [options]
 Commands:
   socket     serve one TPM 2.0 over swtpm's control and data channels
              (the command line of 'swtpm socket'; see 'vtpmd socket --help')
+  qemu [name]
+             serve one TPM with the default layout and print the QEMU
+             arguments that use it
   --version  print the version
 
 Installed as 'swtpm', vtpmd takes swtpm's command line.
