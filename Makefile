@@ -1,16 +1,46 @@
-# Build, test and lint vtpmd. CI runs `make test` from .ci/run.
+# Build, run, test and lint vtpmd. CI (.ci/run) installs the packages and
+# runs `make test`.
 
 GO ?= go
 STATICCHECK ?= $(shell command -v staticcheck 2>/dev/null || ls "$$($(GO) env GOPATH)/bin/staticcheck" 2>/dev/null)
 
-.PHONY: build test lint bench fuzz
+# Debian packages. Keep TEST_PACKAGES in step with .ci/run.
+BUILD_PACKAGES = gcc libssl-dev
+TEST_PACKAGES = $(BUILD_PACKAGES) qemu-system-x86 seabios ovmf \
+	swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0 \
+	busybox-static cpio socat xz-utils
+
+.PHONY: build run deps build-deps test lint bench fuzz
+
+# apt_ensure installs the packages in $(1) that are not installed yet (as
+# root; others are told what is missing).
+define apt_ensure
+	@missing=""; \
+	for p in $(1); do \
+		dpkg-query -W -f='$${Status}\n' "$$p" 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then echo "not installed:$$missing (install them as root)"; exit 0; fi; \
+	echo "apt-get install$$missing"; \
+	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing
+endef
+
+build-deps:
+	$(call apt_ensure,$(BUILD_PACKAGES))
+
+deps:
+	$(call apt_ensure,$(TEST_PACKAGES))
 
 build:
 	$(GO) build -o bin/vtpmd ./cmd/vtpmd
 
+# Serve one TPM for QEMU and print the QEMU arguments to use it.
+run: build-deps build
+	./bin/vtpmd qemu
+
 # The end-to-end tests include QEMU guest boots (cmd/vtpmd/qemu_test.go),
-# a few minutes on two cores under TCG.
-test:
+# about two minutes on two cores under TCG.
+test: deps
 	$(GO) test -count=1 -timeout 25m ./...
 
 lint:
