@@ -15,28 +15,20 @@ import (
 const daemonEnv = "VTPMD_DAEMON_READY_FD"
 
 // daemonize re-executes vtpmd in a new session and returns once the child
-// serves, or fails with the child's error. Inherited descriptors keep their
-// numbers, because options such as --ctrl fd= name them.
-func daemonize() error {
+// serves, or fails with the child's error. The descriptors that options name
+// (--ctrl fd=, --log fd=, ...) keep their numbers in the child.
+func daemonize(inherited []int) error {
 	r, w, err := os.Pipe()
 	if err != nil {
 		return fmt.Errorf("daemonize: %w", err)
 	}
 	defer r.Close()
 	var extra []*os.File
-	entries, _ := os.ReadDir("/proc/self/fd")
-	maxFD := 2
-	for _, e := range entries {
-		if fd, err := strconv.Atoi(e.Name()); err == nil && fd > maxFD && fd != int(r.Fd()) && fd != int(w.Fd()) {
-			maxFD = fd
-		}
-	}
-	for fd := 3; fd <= maxFD; fd++ {
-		if fd == int(r.Fd()) || fd == int(w.Fd()) {
+	for _, fd := range inherited {
+		for len(extra) <= fd-3 {
 			extra = append(extra, nil)
-			continue
 		}
-		extra = append(extra, os.NewFile(uintptr(fd), "inherited"))
+		extra[fd-3] = os.NewFile(uintptr(fd), "inherited")
 	}
 	readyFD := 3 + len(extra)
 	extra = append(extra, w)

@@ -43,7 +43,7 @@ func run(args []string, stdout io.Writer) error {
 		_, err := fmt.Fprint(stdout, usage)
 		return err
 	case "chardev", "cuse":
-		return fmt.Errorf("Unsupported TPM interface %q: vtpmd serves the socket interface", args[1])
+		return fmt.Errorf("%s: Unsupported TPM interface; vtpmd serves the socket interface", args[1])
 	}
 	return fmt.Errorf("unknown command %q (see vtpmd --help)", args[1])
 }

@@ -36,7 +36,7 @@ func runSocket(args []string, stdout io.Writer) error {
 	case !c.tpm2:
 		return errors.New("socket: vtpmd emulates TPM 2.0 only: pass --tpm2")
 	case c.daemon && os.Getenv(daemonEnv) == "":
-		return daemonize()
+		return daemonize(c.inheritedFDs())
 	}
 	log, closeLog, err := c.logger()
 	if err != nil {
@@ -137,6 +137,26 @@ func serveSocket(c *socketConfig, log *slog.Logger) error {
 		return err
 	}
 	return nil
+}
+
+// inheritedFDs lists the descriptors the options name.
+func (c *socketConfig) inheritedFDs() []int {
+	var fds []int
+	for _, fd := range []int{c.logFD, c.pidFD} {
+		if fd >= 0 {
+			fds = append(fds, fd)
+		}
+	}
+	for _, e := range []*endpoint{c.ctrl, c.server} {
+		if e != nil {
+			for _, fd := range []int{e.fd, e.connFD} {
+				if fd >= 0 {
+					fds = append(fds, fd)
+				}
+			}
+		}
+	}
+	return fds
 }
 
 // open creates the endpoint's listener, or wraps its connected descriptor.
