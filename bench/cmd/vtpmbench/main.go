@@ -1,0 +1,222 @@
+// Command vtpmbench measures vtpmd and swtpm side by side in the same run:
+// N instances of each, one per VM with its own state directory and unix
+// control and data sockets, the same TPM operations on both, over one
+// persistent data connection per VM as QEMU keeps. It reports throughput,
+// latency, CPU per operation, memory per instance and start-up time, their
+// vtpmd/swtpm ratios, and the floors: a unix-socket echo server and the
+// engine in process. Results go to the terminal and, as markdown, SVG and
+// JSON, to the results directory.
+//
+//	vtpmbench -vtpmd bin/vtpmd [-swtpm /usr/bin/swtpm] [-vms 1,4,16,64,256] [-ops all] [-duration 3s]
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/vtpmd/vtpmd/bench/internal/driver"
+	"github.com/vtpmd/vtpmd/bench/internal/fleet"
+	"github.com/vtpmd/vtpmd/bench/internal/report"
+	"github.com/vtpmd/vtpmd/bench/internal/workload"
+)
+
+func main() {
+	if len(os.Args) == 3 && os.Args[1] == "echo-server" {
+		if err := driver.ServeEcho(os.Args[2]); err != nil {
+			fmt.Fprintln(os.Stderr, "vtpmbench echo-server:", err)
+			os.Exit(1)
+		}
+		return
+	}
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "vtpmbench:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	var (
+		vtpmd    = flag.String("vtpmd", "bin/vtpmd", "the vtpmd binary to measure (`make build` makes bin/vtpmd)")
+		vtpmdEnv = flag.String("vtpmd-env", "", "comma-separated `VAR=value` settings added to vtpmd's environment, e.g. GOMAXPROCS=1")
+		swtpm    = flag.String("swtpm", "", "the swtpm binary to compare with; default: swtpm on $PATH if installed; \"none\" to skip")
+		vms      = flag.String("vms", "1,4,16,64,256", "comma-separated numbers of VMs to run at once")
+		ops      = flag.String("ops", "all", "comma-separated operations, or all: "+strings.Join(workload.Names(), ","))
+		duration = flag.Duration("duration", 3*time.Second, "measured time of each (daemon, operation, VMs) cell")
+		warmup   = flag.Duration("warmup", 300*time.Millisecond, "unmeasured time before each cell")
+		engineD  = flag.Duration("engine-duration", 0, "time of each engine-floor operation (default: -duration)")
+		starts   = flag.Int("starts", 5, "start-up samples per daemon, for a new and for an existing state")
+		out      = flag.String("out", "results", "directory for results.md, results.svg and results.json")
+		stateDir = flag.String("statedir", "", "where to make the state directories (default: the system's temporary directory)")
+		keep     = flag.Bool("keep", false, "keep the state directories")
+		echo     = flag.Bool("echo", true, "measure the echo floor")
+		engine   = flag.Bool("engine", true, "measure the engine floor in process")
+		quiet    = flag.Bool("quiet", false, "no progress line on stderr")
+	)
+	flag.Parse()
+	if flag.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q", flag.Args())
+	}
+
+	cfg := driver.Config{
+		Duration: *duration, Warmup: *warmup, EngineDuration: *engineD, Starts: *starts,
+		StateDir: *stateDir, Keep: *keep, Engine: *engine,
+	}
+	var err error
+	if cfg.VMs, err = parseInts(*vms); err != nil {
+		return fmt.Errorf("-vms: %w", err)
+	}
+	if cfg.Ops, err = workload.Select(*ops); err != nil {
+		return fmt.Errorf("-ops: %w", err)
+	}
+	path, err := filepath.Abs(*vtpmd)
+	if err == nil {
+		_, err = os.Stat(path)
+	}
+	if err != nil {
+		return fmt.Errorf("-vtpmd: %w (build it with `make build`)", err)
+	}
+	var env []string
+	if *vtpmdEnv != "" {
+		env = strings.Split(*vtpmdEnv, ",")
+	}
+	cfg.Daemons = append(cfg.Daemons, driver.Daemon{Name: "vtpmd", Path: path, Env: env})
+	switch *swtpm {
+	case "none":
+	case "":
+		if p, err := exec.LookPath("swtpm"); err == nil {
+			cfg.Daemons = append(cfg.Daemons, driver.Daemon{Name: "swtpm", Path: p})
+		} else {
+			fmt.Fprintln(os.Stderr, "vtpmbench: swtpm is not installed; measuring vtpmd alone")
+		}
+	default:
+		cfg.Daemons = append(cfg.Daemons, driver.Daemon{Name: "swtpm", Path: *swtpm})
+	}
+	if *echo {
+		exe, err := os.Executable()
+		if err != nil {
+			return err
+		}
+		cfg.EchoArgv = []string{exe, "echo-server"}
+	}
+	prog := newProgress(os.Stderr, *quiet)
+	cfg.Progress = prog.show
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	go func() {
+		s := <-sigs
+		prog.done()
+		fmt.Fprintf(os.Stderr, "vtpmbench: %v: stopping the daemons (again to kill them at once)\n", s)
+		cancel()
+		<-sigs
+		fleet.KillAll()
+		os.Exit(130)
+	}()
+
+	rep, runErr := driver.Run(ctx, cfg)
+	prog.done()
+	if rep == nil {
+		return runErr
+	}
+	if runErr != nil {
+		rep.Notes = append(rep.Notes, "the run did not finish: "+runErr.Error())
+	}
+	if err := rep.Text(os.Stdout); err != nil {
+		return err
+	}
+	if err := write(*out, rep); err != nil {
+		return errors.Join(runErr, err)
+	}
+	fmt.Fprintf(os.Stderr, "vtpmbench: wrote %s\n", filepath.Join(*out, "results.{md,svg,json}"))
+	return runErr
+}
+
+// write puts the markdown, SVG and JSON results into dir.
+func write(dir string, rep *report.Report) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	var md, svg, js bytes.Buffer
+	if err := errors.Join(rep.Markdown(&md, "results.svg"), rep.SVG(&svg), rep.JSON(&js)); err != nil {
+		return err
+	}
+	for name, b := range map[string][]byte{"results.md": md.Bytes(), "results.svg": svg.Bytes(), "results.json": js.Bytes()} {
+		if err := os.WriteFile(filepath.Join(dir, name), b, 0o644); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func parseInts(s string) ([]int, error) {
+	var out []int
+	for _, f := range strings.Split(s, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n <= 0 {
+			return nil, fmt.Errorf("%q is not a positive number", f)
+		}
+		out = append(out, n)
+	}
+	return out, nil
+}
+
+// progress shows one status line on stderr: rewritten in place on a
+// terminal, at most one line a second otherwise.
+type progress struct {
+	mu    sync.Mutex
+	w     *os.File
+	tty   bool
+	quiet bool
+	start time.Time
+	last  time.Time
+	shown bool
+}
+
+func newProgress(w *os.File, quiet bool) *progress {
+	fi, err := w.Stat()
+	tty := err == nil && fi.Mode()&os.ModeCharDevice != 0
+	return &progress{w: w, tty: tty, quiet: quiet, start: time.Now()}
+}
+
+func (p *progress) show(msg string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.quiet {
+		return
+	}
+	now := time.Now()
+	line := fmt.Sprintf("[%5.0fs] %s", now.Sub(p.start).Seconds(), msg)
+	if p.tty {
+		fmt.Fprintf(p.w, "\r\033[K%s", line)
+		p.shown = true
+		return
+	}
+	if now.Sub(p.last) >= time.Second {
+		fmt.Fprintln(p.w, line)
+		p.last = now
+	}
+}
+
+// done ends the status line.
+func (p *progress) done() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.shown {
+		fmt.Fprint(p.w, "\r\033[K")
+		p.shown = false
+	}
+}

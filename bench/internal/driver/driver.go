@@ -1,0 +1,513 @@
+// Package driver runs the benchmark: it starts N instances of each daemon,
+// one persistent data connection per VM, runs the same operations on all of
+// them for each number of VMs, and measures throughput, latency, CPU,
+// memory and start-up time, next to the floors: a unix-socket echo server and
+// the engine in process.
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/vtpmd/vtpmd/bench/internal/fleet"
+	"github.com/vtpmd/vtpmd/bench/internal/report"
+	"github.com/vtpmd/vtpmd/bench/internal/workload"
+)
+
+// Daemon is a swtpm-compatible daemon to measure.
+type Daemon struct {
+	Name string
+	Path string
+	// Env is added to its environment, e.g. GOMAXPROCS=1.
+	Env []string
+}
+
+// Config configures a run.
+type Config struct {
+	// Daemons are measured in the same run, the one under test first.
+	Daemons []Daemon
+	// EchoArgv runs the echo server (ServeEcho) when the socket path is
+	// appended; nil skips the echo floor.
+	EchoArgv []string
+	// Engine runs the in-process engine floor.
+	Engine bool
+	// VMs are the numbers of VMs to run at once.
+	VMs []int
+	Ops []workload.Op
+	// Duration is the measured time of each cell, after Warmup.
+	Duration time.Duration
+	Warmup   time.Duration
+	// EngineDuration is the time of each engine-floor operation;
+	// 0 means Duration.
+	EngineDuration time.Duration
+	// Starts is the number of start-up samples per daemon and state.
+	Starts int
+	// StateDir is where state directories are made; "" is the system's
+	// temporary directory. They are removed at the end unless Keep.
+	StateDir string
+	Keep     bool
+	// Progress receives one-line status updates.
+	Progress func(string)
+}
+
+func (c *Config) progress(format string, args ...any) {
+	if c.Progress != nil {
+		c.Progress(fmt.Sprintf(format, args...))
+	}
+}
+
+// vm is one VM's TPM: its daemon process and its set-up state.
+type vm struct {
+	in  *fleet.Instance
+	tpm *workload.TPM
+}
+
+// run is the state of one Run.
+type run struct {
+	cfg     Config
+	base    string
+	kinds   []fleet.Kind
+	fleets  map[string][]*vm
+	echo    *fleet.Instance
+	echoRTs []workload.RoundTripper
+	rep     *report.Report
+}
+
+// Run runs the benchmark. Every process it starts is ended before it
+// returns; on ctx's end it stops early and returns what was measured with
+// ctx's error.
+func Run(ctx context.Context, cfg Config) (*report.Report, error) {
+	if len(cfg.Daemons) == 0 || len(cfg.VMs) == 0 || len(cfg.Ops) == 0 {
+		return nil, errors.New("nothing to run: need daemons, VM counts and operations")
+	}
+	if cfg.Starts <= 0 {
+		cfg.Starts = 1
+	}
+	if cfg.EngineDuration == 0 {
+		cfg.EngineDuration = cfg.Duration
+	}
+	cfg.VMs = slices.Clone(cfg.VMs)
+	slices.Sort(cfg.VMs)
+	base, err := os.MkdirTemp(cfg.StateDir, "vtpmbench-")
+	if err != nil {
+		return nil, err
+	}
+	r := &run{cfg: cfg, base: base, fleets: map[string][]*vm{}}
+	r.rep = &report.Report{
+		Started: time.Now(),
+		Settings: report.Settings{
+			VMs: cfg.VMs, Duration: cfg.Duration, Warmup: cfg.Warmup, Starts: cfg.Starts,
+		},
+		Machine: machine(base, cfg.Daemons),
+	}
+	for _, op := range cfg.Ops {
+		r.rep.Ops = append(r.rep.Ops, report.Op{Name: op.Name, Title: op.Title})
+	}
+	for _, d := range cfg.Daemons {
+		r.kinds = append(r.kinds, fleet.Daemon(d.Name, d.Path, d.Env))
+		r.rep.Daemons = append(r.rep.Daemons, d.Name)
+	}
+	defer func() {
+		fleet.KillAll()
+		if !cfg.Keep {
+			os.RemoveAll(base)
+		}
+		r.rep.Elapsed = time.Since(r.rep.Started)
+	}()
+	err = r.all(ctx)
+	if err == nil {
+		err = r.stopAll()
+	}
+	return r.rep, err
+}
+
+func (r *run) all(ctx context.Context) error {
+	if r.cfg.Engine {
+		for _, store := range []string{"dir", "memory"} {
+			cells, err := engineFloor(ctx, r.cfg.Ops, store, filepath.Join(r.base, "engine-"+store), r.cfg.EngineDuration, r.cfg.Progress)
+			r.rep.Engine = append(r.rep.Engine, cells...)
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if err != nil {
+				r.rep.Notes = append(r.rep.Notes, fmt.Sprintf("engine floor (%s store) skipped: %v", store, err))
+				break
+			}
+		}
+	}
+	if err := r.startups(ctx); err != nil {
+		return err
+	}
+	if r.cfg.EchoArgv != nil {
+		in, err := fleet.Start(echoKind(r.cfg.EchoArgv), filepath.Join(r.base, "echo"))
+		if err != nil {
+			return err
+		}
+		r.echo = in
+		r.echoRTs = []workload.RoundTripper{in.Data}
+	}
+	for _, n := range r.cfg.VMs {
+		if err := r.level(ctx, n); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// startups measures the time to the first answer: Starts processes on new
+// state directories, then Starts on the last of them, which has state.
+func (r *run) startups(ctx context.Context) error {
+	last := map[string]string{}
+	samples := map[string][]time.Duration{}
+	for _, state := range []string{"new", "existing"} {
+		for i := range r.cfg.Starts {
+			for _, k := range r.kinds {
+				if err := ctx.Err(); err != nil {
+					return err
+				}
+				r.cfg.progress("start-up, %s state: %s %d/%d", state, k.Name, i+1, r.cfg.Starts)
+				dir := last[k.Name]
+				if state == "new" {
+					dir = filepath.Join(r.base, fmt.Sprintf("start-%s-%d", k.Name, i))
+					last[k.Name] = dir
+				}
+				in, err := fleet.Start(k, dir)
+				if err != nil {
+					return fmt.Errorf("start-up: %w", err)
+				}
+				samples[k.Name+state] = append(samples[k.Name+state], in.Ready)
+				if err := in.Stop(10 * time.Second); err != nil {
+					return err
+				}
+			}
+		}
+		for _, k := range r.kinds {
+			s := samples[k.Name+state]
+			sorted := slices.Clone(s)
+			slices.Sort(sorted)
+			r.rep.Startup = append(r.rep.Startup, report.Startup{
+				Daemon: k.Name, State: state, Samples: s, Median: sorted[len(sorted)/2],
+			})
+		}
+	}
+	return nil
+}
+
+// parallel runs f(i) for i in [0, n) on a few goroutines and returns the
+// first error.
+func parallel(n int, f func(i int) error) error {
+	errs := make([]error, n)
+	sem := make(chan struct{}, 2*runtime.NumCPU())
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			errs[i] = f(i)
+		}()
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+// grow starts instances of kind until there are n, and sets them up.
+func (r *run) grow(ctx context.Context, k fleet.Kind, n int) error {
+	have := len(r.fleets[k.Name])
+	if have >= n {
+		return nil
+	}
+	added := make([]*vm, n-have)
+	var done sync.Mutex
+	count := 0
+	err := parallel(n-have, func(i int) error {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		in, err := fleet.Start(k, filepath.Join(r.base, fmt.Sprintf("%s-%03d", k.Name, have+i)))
+		if err != nil {
+			return err
+		}
+		added[i] = &vm{in: in}
+		tpm, err := workload.Setup(in.Data, r.cfg.Ops)
+		if err != nil {
+			return fmt.Errorf("%s %d: set up: %w", k.Name, have+i, err)
+		}
+		added[i].tpm = tpm
+		done.Lock()
+		count++
+		r.cfg.progress("%d VMs: starting %s and creating keys %d/%d", n, k.Name, count, n-have)
+		done.Unlock()
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	r.fleets[k.Name] = append(r.fleets[k.Name], added...)
+	return nil
+}
+
+// level measures everything at n VMs.
+func (r *run) level(ctx context.Context, n int) error {
+	for _, k := range r.kinds {
+		if err := r.grow(ctx, k, n); err != nil {
+			return err
+		}
+		if err := r.memory(k.Name, n); err != nil {
+			return err
+		}
+	}
+	if r.echo != nil {
+		for len(r.echoRTs) < n {
+			d, err := dialEcho(r.echo)
+			if err != nil {
+				return err
+			}
+			r.echoRTs = append(r.echoRTs, d)
+		}
+		runner, err := workload.EchoOp()
+		if err != nil {
+			return err
+		}
+		runners := make([]workload.Runner, n)
+		for i := range runners {
+			runners[i] = runner
+		}
+		r.cfg.progress("%d VMs: echo floor", n)
+		cell, err := r.cell(ctx, report.Echo, "echo", r.echoRTs[:n], runners, []*fleet.Instance{r.echo})
+		if err != nil {
+			return err
+		}
+		r.rep.Cells = append(r.rep.Cells, cell)
+	}
+	for i, op := range r.cfg.Ops {
+		kinds := slices.Clone(r.kinds)
+		if i%2 == 1 {
+			// Alternate which daemon goes first, so drift during the run
+			// does not always favour the same one.
+			slices.Reverse(kinds)
+		}
+		for _, k := range kinds {
+			if err := r.opCell(ctx, k.Name, op, n); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func (r *run) memory(daemon string, n int) error {
+	var rss, pss []int64
+	for _, v := range r.fleets[daemon][:n] {
+		m, err := fleet.MemoryOf(v.in.Pid())
+		if err != nil {
+			return err
+		}
+		rss, pss = append(rss, m.RSS), append(pss, m.PSS)
+	}
+	slices.Sort(rss)
+	slices.Sort(pss)
+	r.rep.Memory = append(r.rep.Memory, report.Memory{Daemon: daemon, VMs: n, RSSKiB: rss[n/2], PSSKiB: pss[n/2]})
+	return nil
+}
+
+// opCell runs op on the first n VMs of daemon.
+func (r *run) opCell(ctx context.Context, daemon string, op workload.Op, n int) error {
+	vms := r.fleets[daemon][:n]
+	phases := make([]*workload.Phase, n)
+	defer func() {
+		_ = parallel(n, func(i int) error {
+			if phases[i] != nil {
+				return phases[i].Close(vms[i].in.Data)
+			}
+			return nil
+		})
+	}()
+	r.cfg.progress("%d VMs: %s %s: preparing", n, daemon, op.Name)
+	err := parallel(n, func(i int) (err error) {
+		phases[i], err = vms[i].tpm.Prepare(vms[i].in.Data, op)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("%s: %w", daemon, err)
+	}
+	rts := make([]workload.RoundTripper, n)
+	runners := make([]workload.Runner, n)
+	ins := make([]*fleet.Instance, n)
+	for i, v := range vms {
+		rts[i], runners[i], ins[i] = v.in.Data, phases[i], v.in
+	}
+	r.cfg.progress("%d VMs: %s %s", n, daemon, op.Name)
+	cell, err := r.cell(ctx, daemon, op.Name, rts, runners, ins)
+	if err != nil {
+		return err
+	}
+	r.rep.Cells = append(r.rep.Cells, cell)
+	if cell.Errors > 0 {
+		r.cfg.progress("%d VMs: %s %s: %d errors, first: %s", n, daemon, op.Name, cell.Errors, cell.FirstError)
+	}
+	return nil
+}
+
+// cell runs runners[i] on rts[i], each on its own goroutine, for the warm-up
+// and then the measured window, and measures the CPU time of the procs in
+// that window.
+func (r *run) cell(ctx context.Context, daemon, op string, rts []workload.RoundTripper, runners []workload.Runner, procs []*fleet.Instance) (report.Cell, error) {
+	n := len(rts)
+	start := time.Now()
+	from := start.Add(r.cfg.Warmup)
+	end := from.Add(r.cfg.Duration)
+	type result struct {
+		lat  []time.Duration
+		errs int64
+		err  error
+	}
+	results := make([]result, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		if d, ok := rts[i].(interface{ SetDeadline(time.Time) error }); ok {
+			// A daemon that stops answering fails the cell instead of
+			// hanging the run.
+			_ = d.SetDeadline(end.Add(2 * time.Minute))
+			defer d.SetDeadline(time.Time{})
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			res := &results[i]
+			for t0 := time.Now(); t0.Before(end) && ctx.Err() == nil; {
+				err := runners[i].Run(rts[i])
+				t1 := time.Now()
+				if err != nil {
+					res.errs++
+					res.err = err
+					return
+				}
+				if t1.After(from) && !t1.After(end) {
+					res.lat = append(res.lat, t1.Sub(t0))
+				}
+				t0 = t1
+			}
+		}()
+	}
+	var cpu0, cpu1, self0, self1 time.Duration
+	var cs0, cs1 int64
+	var cpuErr error
+	sample := func(daemons, self *time.Duration, cs *int64) {
+		var err error
+		if *daemons, err = fleet.TotalCPU(procs); err != nil && cpuErr == nil {
+			cpuErr = err
+		}
+		if *self, err = fleet.CPUTime(os.Getpid()); err != nil && cpuErr == nil {
+			cpuErr = err
+		}
+		if *cs, err = fleet.TotalContextSwitches(procs); err != nil && cpuErr == nil {
+			cpuErr = err
+		}
+	}
+	sleepUntil(ctx, from)
+	sample(&cpu0, &self0, &cs0)
+	sleepUntil(ctx, end)
+	sample(&cpu1, &self1, &cs1)
+	wg.Wait()
+	if err := ctx.Err(); err != nil {
+		return report.Cell{}, err
+	}
+	cell := report.Cell{Daemon: daemon, Op: op, VMs: n, Seconds: r.cfg.Duration.Seconds()}
+	var all []time.Duration
+	for _, res := range results {
+		all = append(all, res.lat...)
+		cell.Errors += res.errs
+		if res.err != nil && cell.FirstError == "" {
+			cell.FirstError = res.err.Error()
+		}
+	}
+	if cpuErr != nil {
+		return cell, fmt.Errorf("%s %s: CPU time: %w", daemon, op, cpuErr)
+	}
+	slices.Sort(all)
+	cell.Ops = int64(len(all))
+	if cell.Ops > 0 {
+		cell.OpsPerSec = float64(cell.Ops) / cell.Seconds
+		cell.P50 = all[len(all)/2]
+		cell.P99 = all[min(len(all)-1, len(all)*99/100)]
+		cell.Max = all[len(all)-1]
+		cell.CPUPer1000 = (cpu1 - cpu0).Seconds() * 1000 / float64(cell.Ops)
+		cell.DriverCPUPer1000 = (self1 - self0).Seconds() * 1000 / float64(cell.Ops)
+		cell.SwitchesPerOp = float64(cs1-cs0) / float64(cell.Ops)
+	}
+	for _, p := range procs {
+		if p.Exited() {
+			return cell, fmt.Errorf("%s %s: %s in %s exited during the run", daemon, op, p.Kind.Name, p.Dir)
+		}
+	}
+	return cell, nil
+}
+
+func sleepUntil(ctx context.Context, t time.Time) {
+	select {
+	case <-ctx.Done():
+	case <-time.After(time.Until(t)):
+	}
+}
+
+// stopAll stops every instance in order, so that a daemon that ignores
+// SIGTERM is reported.
+func (r *run) stopAll() error {
+	var all []*fleet.Instance
+	for _, vms := range r.fleets {
+		for _, v := range vms {
+			all = append(all, v.in)
+		}
+	}
+	if r.echo != nil {
+		all = append(all, r.echo)
+		for _, rt := range r.echoRTs[1:] {
+			if c, ok := rt.(interface{ Close() error }); ok {
+				c.Close()
+			}
+		}
+	}
+	r.cfg.progress("stopping %d processes", len(all))
+	return fleet.StopAll(all, 10*time.Second)
+}
+
+func dialEcho(in *fleet.Instance) (workload.RoundTripper, error) {
+	return dialData(filepath.Join(in.Dir, "data"))
+}
+
+// machine describes this machine and the daemons' versions.
+func machine(stateDir string, daemons []Daemon) report.Machine {
+	m := report.Machine{NProc: runtime.NumCPU(), GoVersion: runtime.Version(), Versions: map[string]string{}}
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+				m.CPU = strings.TrimSpace(v)
+				break
+			}
+		}
+	}
+	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
+		m.Kernel = strings.TrimSpace(string(b))
+	}
+	m.StateFS = fsType(stateDir)
+	for _, d := range daemons {
+		out, err := exec.Command(d.Path, "--version").CombinedOutput()
+		line, _, _ := strings.Cut(strings.TrimSpace(string(out)), "\n")
+		if err != nil {
+			line = fmt.Sprintf("(--version failed: %v)", err)
+		}
+		m.Versions[d.Name] = line
+	}
+	return m
+}

@@ -1,0 +1,112 @@
+package driver
+
+import (
+	"context"
+	"fmt"
+	"io/fs"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/vtpmd/vtpmd/bench/internal/report"
+	"github.com/vtpmd/vtpmd/bench/internal/workload"
+	"github.com/vtpmd/vtpmd/state"
+	"github.com/vtpmd/vtpmd/vtpm"
+)
+
+// engineRT runs commands on an in-process Device.
+type engineRT struct{ dev *vtpm.Device }
+
+func (e engineRT) RoundTrip(cmd []byte) ([]byte, error) {
+	return e.dev.Execute(context.Background(), cmd), nil
+}
+
+// memStore keeps the state image in memory: the engine without persistence.
+type memStore struct {
+	mu  sync.Mutex
+	img []byte
+}
+
+func (m *memStore) Load() ([]byte, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.img == nil {
+		return nil, fs.ErrNotExist
+	}
+	return m.img, nil
+}
+
+func (m *memStore) Save(img []byte) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.img = append(m.img[:0], img...)
+	return nil
+}
+
+// startupClear is TPM2_Startup(SU_CLEAR).
+var startupClear = []byte{0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x44, 0, 0}
+
+// engineFloor times each operation on the engine in this process, with the
+// store vtpmd uses (state.Dir in dir) or none ("memory"). The engine is one
+// per process: it is opened here and closed before returning.
+func engineFloor(ctx context.Context, ops []workload.Op, storeName, dir string, d time.Duration, progress func(string)) ([]report.EngineCell, error) {
+	var store vtpm.Store = &memStore{}
+	if storeName == "dir" {
+		store = &state.Dir{Path: dir}
+	}
+	dev, err := vtpm.Open(vtpm.Config{Store: store})
+	if err != nil {
+		return nil, err
+	}
+	defer dev.Close()
+	if err := dev.Init(false); err != nil {
+		return nil, err
+	}
+	rt := engineRT{dev}
+	if resp, _ := rt.RoundTrip(startupClear); len(resp) < 10 || resp[9] != 0 || resp[8] != 0 {
+		return nil, fmt.Errorf("engine: TPM2_Startup failed: % x", resp)
+	}
+	tpm, err := workload.Setup(rt, ops)
+	if err != nil {
+		return nil, fmt.Errorf("engine: %w", err)
+	}
+	var cells []report.EngineCell
+	for _, op := range ops {
+		if err := ctx.Err(); err != nil {
+			return cells, err
+		}
+		progress(fmt.Sprintf("engine floor (%s store): %s", storeName, op.Name))
+		cell := report.EngineCell{Op: op.Name, Store: storeName}
+		phase, err := tpm.Prepare(rt, op)
+		if err != nil {
+			cell.Error = err.Error()
+			cells = append(cells, cell)
+			continue
+		}
+		var lat []time.Duration
+		start := time.Now()
+		end := start.Add(d)
+		for t0 := start; t0.Before(end) && ctx.Err() == nil; {
+			if err := phase.Run(rt); err != nil {
+				cell.Error = err.Error()
+				break
+			}
+			t1 := time.Now()
+			lat = append(lat, t1.Sub(t0))
+			t0 = t1
+		}
+		elapsed := time.Since(start)
+		if err := phase.Close(rt); err != nil && cell.Error == "" {
+			cell.Error = err.Error()
+		}
+		if n := len(lat); n > 0 {
+			slices.Sort(lat)
+			cell.Ops = int64(n)
+			cell.Mean = elapsed / time.Duration(n)
+			cell.P50 = lat[n/2]
+			cell.P99 = lat[min(n-1, n*99/100)]
+		}
+		cells = append(cells, cell)
+	}
+	return cells, nil
+}

@@ -1,0 +1,284 @@
+// Package fleet starts and stops the daemons under test: one process per VM,
+// each with its own state directory and unix control and data sockets, the
+// way libvirt starts swtpm. Every process it starts is recorded, so that
+// KillAll can end them all however the benchmark ends.
+package fleet
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/vtpmd/vtpmd/bench/internal/client"
+	"github.com/vtpmd/vtpmd/transport"
+)
+
+// Kind is a program to start, one process per VM.
+type Kind struct {
+	// Name names it in reports: "vtpmd", "swtpm", "echo".
+	Name string
+	// Argv returns the command line for a state directory dir, whose data
+	// socket is dir/data and control socket dir/ctrl.
+	Argv func(dir string) []string
+	// Env is added to the benchmark's environment for the process.
+	Env []string
+	// NoCtrl says it has no control socket.
+	NoCtrl bool
+	// Probe is the first command sent on a new data connection; the time
+	// to its answer is the start-up time.
+	Probe func(d *client.Data) error
+}
+
+// Daemon is the Kind of a swtpm-compatible daemon at path, started as
+// libvirt would start it for a VM without QEMU's CMD_SET_DATAFD.
+func Daemon(name, path string, env []string) Kind {
+	return Kind{
+		Name: name,
+		Env:  env,
+		Argv: func(dir string) []string {
+			return []string{path, "socket", "--tpm2",
+				"--tpmstate", "dir=" + dir,
+				"--ctrl", "type=unixio,path=" + filepath.Join(dir, "ctrl"),
+				"--server", "type=unixio,path=" + filepath.Join(dir, "data"),
+				"--flags", "not-need-init,startup-clear"}
+		},
+		Probe: probeGetRandom,
+	}
+}
+
+// getRandom8 is TPM2_GetRandom(8).
+var getRandom8 = []byte{0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x7b, 0, 8}
+
+func probeGetRandom(d *client.Data) error {
+	resp, err := d.RoundTrip(getRandom8)
+	if err != nil {
+		return err
+	}
+	if rc := client.RC(resp); rc != 0 {
+		return fmt.Errorf("GetRandom: response code %#x", rc)
+	}
+	return nil
+}
+
+// Instance is one running process with its connections.
+type Instance struct {
+	Kind Kind
+	Dir  string
+	// Data is the persistent data connection, as QEMU keeps one.
+	Data *client.Data
+	// Ctrl is the control connection; nil for a Kind without one.
+	Ctrl *client.Ctrl
+	// Ready is the time from the start of the process to the answer to
+	// its first command.
+	Ready time.Duration
+
+	cmd  *exec.Cmd
+	log  *os.File
+	done chan struct{}
+}
+
+// Pid is the process id.
+func (in *Instance) Pid() int { return in.cmd.Process.Pid }
+
+var (
+	liveMu sync.Mutex
+	live   = map[*Instance]bool{}
+)
+
+// ReadyTimeout bounds the wait for a started process to answer.
+var ReadyTimeout = 20 * time.Second
+
+// Start starts kind with state directory dir (created if missing), waits
+// until it answers its first command and, for a daemon, checks the control
+// channel with CMD_GET_CAPABILITY.
+func Start(kind Kind, dir string) (*Instance, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	logf, err := os.OpenFile(filepath.Join(dir, "stderr.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	argv := kind.Argv(dir)
+	in := &Instance{Kind: kind, Dir: dir, log: logf, done: make(chan struct{})}
+	in.cmd = exec.Command(argv[0], argv[1:]...)
+	in.cmd.Stdout, in.cmd.Stderr = logf, logf
+	if len(kind.Env) > 0 {
+		in.cmd.Env = append(os.Environ(), kind.Env...)
+	}
+	// The daemons die with the benchmark even when it is killed with
+	// SIGKILL; a new process group keeps a terminal's ^C for the benchmark,
+	// which then stops them itself.
+	in.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+
+	// Register before starting so KillAll never misses a process.
+	liveMu.Lock()
+	live[in] = true
+	start := time.Now()
+	err = in.cmd.Start()
+	liveMu.Unlock()
+	if err != nil {
+		forget(in)
+		logf.Close()
+		return nil, fmt.Errorf("start %s: %w", kind.Name, err)
+	}
+	go func() {
+		_ = in.cmd.Wait()
+		close(in.done)
+	}()
+	if err := in.connect(start); err != nil {
+		in.Kill()
+		return nil, fmt.Errorf("%s in %s: %w%s", kind.Name, dir, err, in.tail())
+	}
+	return in, nil
+}
+
+func (in *Instance) connect(start time.Time) error {
+	deadline := start.Add(ReadyTimeout)
+	data := filepath.Join(in.Dir, "data")
+	for {
+		d, err := client.DialData(data)
+		if err == nil {
+			in.Data = d
+			break
+		}
+		select {
+		case <-in.done:
+			return fmt.Errorf("exited before it served: %v", in.cmd.ProcessState)
+		default:
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("no data socket after %v: %w", ReadyTimeout, err)
+		}
+		time.Sleep(200 * time.Microsecond)
+	}
+	if err := in.Data.SetDeadline(deadline); err != nil {
+		return err
+	}
+	if err := in.Kind.Probe(in.Data); err != nil {
+		return fmt.Errorf("first command: %w", err)
+	}
+	in.Ready = time.Since(start)
+	if err := in.Data.SetDeadline(time.Time{}); err != nil {
+		return err
+	}
+	if in.Kind.NoCtrl {
+		return nil
+	}
+	c, err := client.DialCtrl(filepath.Join(in.Dir, "ctrl"))
+	if err != nil {
+		return fmt.Errorf("control socket: %w", err)
+	}
+	in.Ctrl = c
+	reply, err := c.Do(transport.GetCapabilityRequest{}, 5*time.Second)
+	if err != nil {
+		return err
+	}
+	if caps := reply.(transport.GetCapabilityReply).Caps; caps&transport.CapInit == 0 {
+		return fmt.Errorf("CMD_GET_CAPABILITY: capabilities %#x lack CMD_INIT", caps)
+	}
+	return nil
+}
+
+func (in *Instance) tail() string {
+	b, err := os.ReadFile(filepath.Join(in.Dir, "stderr.log"))
+	if err != nil || len(b) == 0 {
+		return ""
+	}
+	if len(b) > 2000 {
+		b = b[len(b)-2000:]
+	}
+	return "\n" + string(b)
+}
+
+func forget(in *Instance) {
+	liveMu.Lock()
+	delete(live, in)
+	liveMu.Unlock()
+}
+
+// Stop ends the process in order: SIGTERM, and SIGKILL if it is still
+// there after timeout. The connections are closed first.
+func (in *Instance) Stop(timeout time.Duration) error {
+	defer forget(in)
+	in.closeConns()
+	_ = in.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-in.done:
+		in.log.Close()
+		return nil
+	case <-time.After(timeout):
+	}
+	in.Kill()
+	return fmt.Errorf("%s (pid %d) ignored SIGTERM for %v; killed", in.Kind.Name, in.Pid(), timeout)
+}
+
+// Kill ends the process with SIGKILL and waits for it.
+func (in *Instance) Kill() {
+	defer forget(in)
+	in.closeConns()
+	_ = in.cmd.Process.Kill()
+	<-in.done
+	in.log.Close()
+}
+
+func (in *Instance) closeConns() {
+	if in.Data != nil {
+		in.Data.Close()
+	}
+	if in.Ctrl != nil {
+		in.Ctrl.Close()
+	}
+}
+
+// Exited reports whether the process has ended.
+func (in *Instance) Exited() bool {
+	select {
+	case <-in.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// KillAll ends every process started and not yet stopped, and returns how
+// many there were.
+func KillAll() int {
+	liveMu.Lock()
+	var all []*Instance
+	for in := range live {
+		all = append(all, in)
+	}
+	liveMu.Unlock()
+	var wg sync.WaitGroup
+	for _, in := range all {
+		wg.Add(1)
+		go func() { defer wg.Done(); in.Kill() }()
+	}
+	wg.Wait()
+	return len(all)
+}
+
+// Live returns the number of processes started and not yet ended.
+func Live() int {
+	liveMu.Lock()
+	defer liveMu.Unlock()
+	return len(live)
+}
+
+// StopAll stops instances in parallel, each with Stop.
+func StopAll(ins []*Instance, timeout time.Duration) error {
+	errs := make([]error, len(ins))
+	var wg sync.WaitGroup
+	for i, in := range ins {
+		wg.Add(1)
+		go func() { defer wg.Done(); errs[i] = in.Stop(timeout) }()
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
