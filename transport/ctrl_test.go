@@ -101,6 +101,9 @@ func TestReplyCodec(t *testing.T) {
 		{CmdSetBufferSize, "0000000000001000" + "00000af800001000", SetBufferSizeReply{Size: 4096, Min: 2808, Max: 4096}},
 		{CmdGetInfo, "000000000000003f0000003f" + hex.EncodeToString([]byte(info)), GetInfoReply{Total: 0x3f, Data: []byte(info)}},
 		{CmdGetStateBlob, "00000800000000000000000000000000", GetStateBlobReply{Result: ResultRetry, Data: []byte{}}},
+		// Refused before the handler (TPM not running): the bare result, as
+		// the server and swtpm send it (found by fuzz.FuzzServer).
+		{CmdGetStateBlob, "0000000a", ResultReply{Result: ResultBadOrdinal}},
 		{CmdGetStateBlob, "000000000000000000000002" + "00000002abcd", GetStateBlobReply{Total: 2, Data: []byte{0xab, 0xcd}}},
 	} {
 		assert.Equal(t, tc.wire, hex.EncodeToString(tc.reply.Marshal()), "marshal %T", tc.reply)

@@ -69,12 +69,15 @@ func ReadDataCommand(r *bufio.Reader, conn net.Conn) (DataCommand, error) {
 // drain drops n bytes, or as many as keep arriving within drainTimeout.
 func drain(r *bufio.Reader, conn net.Conn, n int64) {
 	for n > 0 {
-		if r.Buffered() == 0 {
+		// Drop what is at hand; read more only under the deadline.
+		step := int64(r.Buffered())
+		if step == 0 {
 			if conn == nil || conn.SetReadDeadline(time.Now().Add(drainTimeout)) != nil {
 				return
 			}
+			step = int64(r.Size())
 		}
-		m, err := r.Discard(int(min(n, int64(r.Size()))))
+		m, err := r.Discard(int(min(n, step)))
 		n -= int64(m)
 		if err != nil {
 			break

@@ -81,16 +81,17 @@ func successSize(c Command) int {
 	return 4
 }
 
-// DecodeReply decodes the reply to a request with code c. A 4-byte reply
-// with a non-zero result decodes as ResultReply for every command but
-// GET_STATEBLOB.
+// DecodeReply decodes the reply to a request with code c. A reply with a
+// non-zero result decodes as ResultReply; for GET_STATEBLOB only when it is
+// the bare 4-byte result of a request refused before the handler (TPM not
+// running), as its 16-byte header comes with every other result.
 func DecodeReply(c Command, b []byte) (Reply, error) {
 	if len(b) < 4 {
 		return nil, fmt.Errorf("decode reply to command %#x: %d bytes", uint32(c), len(b))
 	}
 	u32 := func(i int) uint32 { return binary.BigEndian.Uint32(b[4*i:]) }
 	result := Result(u32(0))
-	if c != CmdGetStateBlob && result != ResultSuccess {
+	if result != ResultSuccess && (c != CmdGetStateBlob || len(b) == 4) {
 		return ResultReply{Result: result}, nil
 	}
 	if len(b) < successSize(c) {

@@ -1,0 +1,91 @@
+package fuzz
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"testing"
+	"unsafe"
+
+	"github.com/vtpmd/vtpmd/transport"
+)
+
+// FuzzStateBlob: UnwrapStateBlob never panics, fails only with the blob
+// header result codes, returns a part of its input, and undoes
+// WrapStateBlob for any image.
+func FuzzStateBlob(f *testing.F) {
+	for _, x := range ctrlExchanges(loadCaptures(f)) {
+		switch {
+		case x.command == transport.CmdSetStateBlob && len(x.request) > 16:
+			f.Add(x.request[16:])
+		case x.command == transport.CmdGetStateBlob && len(x.reply) > 16:
+			f.Add(x.reply[16:])
+		}
+	}
+	big := transport.WrapStateBlob(make([]byte, transport.MaxStateBlob+1-32))
+	f.Add(big)
+	f.Fuzz(func(t *testing.T, b []byte) {
+		image, err := transport.UnwrapStateBlob(b)
+		if err != nil {
+			var code transport.Result
+			if !errors.As(err, &code) {
+				t.Fatalf("error without a result code: %v", err)
+			}
+			switch code {
+			case transport.ResultBadDataSize, transport.ResultBadVersion, transport.ResultKeyNotFound:
+			default:
+				t.Fatalf("result %#x: %v", uint32(code), err)
+			}
+		} else {
+			if !within(image, b) {
+				t.Fatalf("the %d-byte image is not part of the %d-byte blob", len(image), len(b))
+			}
+			again, err := transport.UnwrapStateBlob(transport.WrapStateBlob(image))
+			if err != nil || !bytes.Equal(again, image) {
+				t.Fatalf("re-wrapped image: %x, %v", again, err)
+			}
+		}
+		// Any bytes are an image to wrap.
+		wrapped := transport.WrapStateBlob(b)
+		if got := binary.BigEndian.Uint32(wrapped[6:]); int(got) != len(wrapped) {
+			t.Fatalf("wrapped blob of %d bytes says %d", len(wrapped), got)
+		}
+		got, err := transport.UnwrapStateBlob(wrapped)
+		if err != nil || !bytes.Equal(got, b) {
+			t.Fatalf("unwrap(wrap(%x)) = %x, %v", b, got, err)
+		}
+	})
+}
+
+// within reports whether part lies inside whole's memory (an empty part
+// does, wherever it points).
+func within(part, whole []byte) bool {
+	if len(part) == 0 {
+		return true
+	}
+	if len(whole) == 0 {
+		return false
+	}
+	p, w := uintptr(unsafe.Pointer(unsafe.SliceData(part))), uintptr(unsafe.Pointer(unsafe.SliceData(whole)))
+	return p >= w && p+uintptr(len(part)) <= w+uintptr(len(whole))
+}
+
+func blobEdgeSeeds() []seed {
+	return []seed{
+		{"empty", []any{[]byte{}}},
+		{"header-only", []any{hexBytes("02 01 000a 0000 0000000a")}},
+		{"header-short", []any{hexBytes("02 01 000a 0000 0000")}},
+		{"data-tlv", []any{hexBytes("02 01 000a 0000 00000012 0001 00000002 abcd")}},
+		{"migration-wrapped", []any{hexBytes("02 01 000a 0004 00000018 0004 00000008 0001 00000002 abcd")}},
+		{"migration-flag-without-tlv", []any{hexBytes("02 01 000a 0004 00000012 0001 00000002 abcd")}},
+		{"tlv-length-ffffffff", []any{hexBytes("02 01 000a 0000 00000012 0001 ffffffff abcd")}},
+		{"inner-tlv-overrun", []any{hexBytes("02 01 000a 0004 00000018 0004 00000008 0001 00000003 abcd")}},
+		{"truncated-tlv-header", []any{hexBytes("02 01 000a 0000 0000000e 0001 0000")}},
+		{"encrypted", []any{hexBytes("02 01 000a 0009 00000012 0002 00000002 abcd")}},
+		{"migration-encrypted", []any{hexBytes("02 01 000a 0016 00000012 0005 00000002 abcd")}},
+		{"min-version-3", []any{hexBytes("03 03 000a 0000 00000012 0001 00000002 abcd")}},
+		{"header-size-12", []any{hexBytes("02 01 000c 0000 00000014 0000 0001 00000002 abcd")}},
+		{"total-ffffffff", []any{hexBytes("02 01 000a 0000 ffffffff 0001 00000002 abcd")}},
+		{"other-tags-first", []any{hexBytes("02 01 000a 0000 0000001a 0003 00000002 0000 0001 00000002 abcd")}},
+	}
+}
