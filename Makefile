@@ -50,8 +50,31 @@ lint:
 	@if [ -n "$(STATICCHECK)" ]; then echo "$(STATICCHECK) ./..."; "$(STATICCHECK)" ./...; \
 	else echo "staticcheck not installed (go install honnef.co/go/tools/cmd/staticcheck@latest); skipped"; fi
 
-bench:
-	$(GO) test -run '^$$' -bench . ./...
+# Benchmarks, without pass/fail on speed: the Go benchmarks of the in-process
+# paths (control codec, data framing, engine round trip), then a short run of
+# bench/ (vtpmbench: vtpmd and swtpm side by side, with the echo and engine
+# floors), about a minute and a half in all on two cores. Results (markdown,
+# SVG, JSON) go to ./results. `make bench-full` is the full run (1 to 256
+# VMs, every operation, about ten minutes); bench/RESULTS.md holds one.
+BENCH_FLAGS ?= -vms 1,4,16 -duration 1s -warmup 200ms -starts 3 -engine-duration 300ms \
+	-ops getrandom,pcrextend,nvwrite,nvincrement,signecc
+bench: build
+	$(GO) test -run '^$$' -bench . -benchtime 200ms ./...
+	$(GO) build -o bin/vtpmbench ./bench/cmd/vtpmbench
+	./bin/vtpmbench -vtpmd bin/vtpmd $(BENCH_FLAGS)
 
+.PHONY: bench-full
+bench-full: build
+	$(GO) build -o bin/vtpmbench ./bench/cmd/vtpmbench
+	./bin/vtpmbench -vtpmd bin/vtpmd
+
+# Every fuzz target in fuzz/ for FUZZTIME each, one at a time (go test takes
+# one -fuzz target per run). Plain `go test ./...` runs their seed corpora.
+# A failure leaves its input in fuzz/testdata/fuzz/<target>/.
+FUZZTIME ?= 18s
 fuzz:
-	$(GO) test ./fuzz/...
+	@targets="$$($(GO) test -list '^Fuzz' ./fuzz | grep '^Fuzz')" || exit 1; \
+	for target in $$targets; do \
+		echo "$(GO) test ./fuzz -run '^$$' -fuzz '^$$target\$$' -fuzztime $(FUZZTIME)"; \
+		$(GO) test ./fuzz -run '^$$' -fuzz "^$$target\$$" -fuzztime $(FUZZTIME) || exit 1; \
+	done

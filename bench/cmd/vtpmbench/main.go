@@ -55,7 +55,7 @@ func run() error {
 		ops      = flag.String("ops", "all", "comma-separated operations, or all: "+strings.Join(workload.Names(), ","))
 		duration = flag.Duration("duration", 3*time.Second, "measured time of each (daemon, operation, VMs) cell")
 		warmup   = flag.Duration("warmup", 300*time.Millisecond, "unmeasured time before each cell")
-		engineD  = flag.Duration("engine-duration", 0, "time of each engine-floor operation (default: -duration)")
+		engineD  = flag.Duration("engine-duration", time.Second, "time of each engine-floor operation")
 		starts   = flag.Int("starts", 5, "start-up samples per daemon, for a new and for an existing state")
 		out      = flag.String("out", "results", "directory for results.md, results.svg and results.json")
 		stateDir = flag.String("statedir", "", "where to make the state directories (default: the system's temporary directory)")
