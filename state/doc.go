@@ -1,6 +1,10 @@
-// Package state stores each TPM's state image durably in its state
-// directory. A write replaces the image atomically (a temporary file, fsync,
-// rename, fsync of the directory), so a crash leaves either the old image or
-// the new one, never a torn one. A lock file keeps two daemons from running
-// the same state, with the fcntl semantics of swtpm's .lock.
+// Package state stores TPM state records in a pebble database: one record
+// per VM, holding the VM's sealed state image, a generation that grows with
+// every write, and metadata (the VM id, the creation time and the engine's
+// image format). A write is one pebble batch committed with Sync before it
+// returns, so a caller that releases a TPM response only after Put returns
+// never acknowledges a change that a crash could lose. Concurrent Puts share
+// pebble's group commit: one WAL fsync serves every batch queued behind it.
+// The database's own lock keeps two daemons from opening the same store.
+// The package stores sealed bytes only; sealing them is the caller's.
 package state

@@ -14,7 +14,6 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/vtpmd/vtpmd/state"
 	"github.com/vtpmd/vtpmd/vtpm"
 )
 
@@ -35,7 +34,7 @@ func socketPair(t *testing.T) (*net.UnixConn, *os.File) {
 // returns the client end.
 func serveDevice(t *testing.T) (*Server, *net.UnixConn) {
 	t.Helper()
-	dev, err := vtpm.Open(vtpm.Config{Store: &state.Dir{Path: t.TempDir()}})
+	dev, err := vtpm.Open(vtpm.Config{Store: &vtpm.MemoryStore{}})
 	require.NoError(t, err)
 	srv := &Server{TPM: dev}
 	client, serverEnd := socketPair(t)

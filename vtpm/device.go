@@ -559,3 +559,28 @@ func (d *Device) SetState(part StatePart, image []byte) error {
 	d.pending[part] = img
 	return nil
 }
+
+// MemoryStore keeps the state image in memory only, for tests and
+// measurements where nothing is to outlive the process.
+type MemoryStore struct {
+	mu    sync.Mutex
+	image []byte
+}
+
+// Load returns the image saved last, or an error wrapping fs.ErrNotExist.
+func (m *MemoryStore) Load() ([]byte, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.image == nil {
+		return nil, fmt.Errorf("memory store: %w", fs.ErrNotExist)
+	}
+	return append([]byte(nil), m.image...), nil
+}
+
+// Save keeps a copy of the image.
+func (m *MemoryStore) Save(image []byte) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.image = append([]byte(nil), image...)
+	return nil
+}

@@ -9,8 +9,6 @@ import (
 	"github.com/google/go-tpm/tpm2"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
-
-	"github.com/vtpmd/vtpmd/state"
 )
 
 // sendFunc lets go-tpm's typed commands run on a Device.
@@ -24,18 +22,18 @@ func (d *Device) tpm() sendFunc {
 	}
 }
 
-// openDevice opens a device on dir and closes it when the test ends.
-func openDevice(t *testing.T, dir string) *Device {
+// openDevice opens a device on store and closes it when the test ends.
+func openDevice(t *testing.T, store *MemoryStore) *Device {
 	t.Helper()
-	d, err := Open(Config{Store: &state.Dir{Path: dir}})
+	d, err := Open(Config{Store: store})
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = d.Close() })
 	return d
 }
 
-func startedDevice(t *testing.T, dir string) *Device {
+func startedDevice(t *testing.T, store *MemoryStore) *Device {
 	t.Helper()
-	d := openDevice(t, dir)
+	d := openDevice(t, store)
 	require.NoError(t, d.Init(false))
 	_, err := tpm2.Startup{StartupType: tpm2.TPMSUClear}.Execute(d.tpm())
 	require.NoError(t, err)
@@ -53,7 +51,7 @@ func pcrRead(t *testing.T, d *Device, pcr uint) []byte {
 }
 
 func TestNotRunningGivesFailureResponse(t *testing.T) {
-	d := openDevice(t, t.TempDir())
+	d := openDevice(t, &MemoryStore{})
 	readClock := []byte{0x80, 0x01, 0, 0, 0, 0x0a, 0, 0, 0x01, 0x81}
 	assert.Equal(t, "80010000000a00000101", hex.EncodeToString(d.Execute(context.Background(), readClock)))
 	_, err := d.Established()
@@ -61,7 +59,7 @@ func TestNotRunningGivesFailureResponse(t *testing.T) {
 }
 
 func TestCommandBeforeStartupAndSizeChecks(t *testing.T) {
-	d := openDevice(t, t.TempDir())
+	d := openDevice(t, &MemoryStore{})
 	require.NoError(t, d.Init(false))
 	getRandom := []byte{0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x7b, 0, 8}
 	assert.Equal(t, "80010000000a00000100", hex.EncodeToString(d.Execute(context.Background(), getRandom)), "TPM_RC_INITIALIZE before Startup")
@@ -70,7 +68,7 @@ func TestCommandBeforeStartupAndSizeChecks(t *testing.T) {
 }
 
 func TestHashSequenceMeasuresPCR17(t *testing.T) {
-	d := startedDevice(t, t.TempDir())
+	d := startedDevice(t, &MemoryStore{})
 	established, err := d.Established()
 	require.NoError(t, err)
 	assert.False(t, established)
@@ -96,8 +94,8 @@ func TestHashSequenceMeasuresPCR17(t *testing.T) {
 }
 
 func TestStateSurvivesReopen(t *testing.T) {
-	dir := t.TempDir()
-	d := startedDevice(t, dir)
+	store := &MemoryStore{}
+	d := startedDevice(t, store)
 	nvPublic := tpm2.New2B(tpm2.TPMSNVPublic{
 		NVIndex:    0x01500001,
 		NameAlg:    tpm2.TPMAlgSHA256,
@@ -114,7 +112,7 @@ func TestStateSurvivesReopen(t *testing.T) {
 	require.NoError(t, d.HashStart())
 	require.NoError(t, d.Close())
 
-	d = openDevice(t, dir)
+	d = openDevice(t, store)
 	require.NoError(t, d.Init(true))
 	_, err = tpm2.Startup{StartupType: tpm2.TPMSUClear}.Execute(d.tpm())
 	require.NoError(t, err)
@@ -143,7 +141,7 @@ func TestRebootsDoNotRaiseLockoutCounter(t *testing.T) {
 		disableAutoShutdown bool
 		want                uint32
 	}{{false, 0}, {true, 3}} {
-		d, err := Open(Config{Store: &state.Dir{Path: t.TempDir()}, DisableAutoShutdown: tc.disableAutoShutdown})
+		d, err := Open(Config{Store: &MemoryStore{}, DisableAutoShutdown: tc.disableAutoShutdown})
 		require.NoError(t, err)
 		require.NoError(t, d.Init(false))
 		for range 4 {
@@ -161,8 +159,8 @@ func TestRebootsDoNotRaiseLockoutCounter(t *testing.T) {
 }
 
 func TestStoreVolatileResumesPCRs(t *testing.T) {
-	dir := t.TempDir()
-	d := startedDevice(t, dir)
+	store := &MemoryStore{}
+	d := startedDevice(t, store)
 	_, err := tpm2.PCRExtend{PCRHandle: tpm2.AuthHandle{Handle: 7, Auth: tpm2.PasswordAuth(nil)}, Digests: tpm2.TPMLDigestValues{Digests: []tpm2.TPMTHA{
 		{HashAlg: tpm2.TPMAlgSHA256, Digest: make([]byte, 32)},
 	}}}.Execute(d.tpm())
@@ -171,14 +169,14 @@ func TestStoreVolatileResumesPCRs(t *testing.T) {
 	require.NoError(t, d.StoreVolatile())
 	require.NoError(t, d.Close())
 
-	d = openDevice(t, dir)
+	d = openDevice(t, store)
 	require.NoError(t, d.Init(false))
 	// Resumed: already started, PCR 7 kept.
 	assert.Equal(t, pcr7, pcrRead(t, d, 7))
 }
 
 func TestBufferSize(t *testing.T) {
-	d := openDevice(t, t.TempDir())
+	d := openDevice(t, &MemoryStore{})
 	size, err := d.BufferSize(0)
 	require.NoError(t, err)
 	assert.Equal(t, uint32(4096), size)
@@ -194,7 +192,7 @@ func TestBufferSize(t *testing.T) {
 }
 
 func TestInfoJSON(t *testing.T) {
-	d := openDevice(t, t.TempDir())
+	d := openDevice(t, &MemoryStore{})
 	assert.Equal(t, `{"TPMSpecification":{"family":"2.0","level":0,"revision":154}}`, d.Info().JSON(InfoSpecification))
 	assert.Equal(t, `{"TPMFeatures":{"RSAKeySizes":[1024,2048]}}`, d.Info().JSON(InfoFeatures))
 	assert.Equal(t, `{}`, d.Info().JSON(0))

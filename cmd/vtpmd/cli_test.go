@@ -70,9 +70,7 @@ func TestPrintStates(t *testing.T) {
 	tpm.waitExit(t, 5*time.Second)
 	out, code = runDaemonCmd(t, "socket", "--tpm2", "--print-states", "--tpmstate", "backend-uri=dir://"+dir)
 	require.Equal(t, 0, code, out)
-	fi, err := os.Stat(stateFile(dir))
-	require.NoError(t, err)
-	assert.Equal(t, `{ "type": "swtpm", "states": [ {"name": "permall", "size": `+strconv.FormatInt(fi.Size(), 10)+`} ] }`, strings.TrimSpace(out))
+	assert.Regexp(t, `^\{ "type": "swtpm", "states": \[ \{"name": "permall", "size": [1-9][0-9]+\} \] \}$`, strings.TrimSpace(out))
 }
 
 func TestBadCommandLines(t *testing.T) {
@@ -92,7 +90,7 @@ func TestBadCommandLines(t *testing.T) {
 		{[]string{"socket", "--tpm2", "--tpmstate", "dir=" + dir, "--ctrl", ctrl, "stray"}, `unexpected argument "stray"`, false},
 		{[]string{"socket", "--tpm2", "--tpmstate", "dir=" + dir}, `there is no channel to serve`, true},
 		{[]string{"socket", "--tpm2", "--tpmstate", "dir=" + dir, "--ctrl"}, `option --ctrl needs a value`, false},
-		{[]string{"socket", "--tpm2", "--tpmstate", "dir=" + dir, "--ctrl", ctrl, "--key", "file=/k"}, `--key is not supported`, true},
+		{[]string{"socket", "--tpm2", "--tpmstate", "dir=" + dir, "--ctrl", ctrl, "--key", "file=/nonexistent/key"}, `--key: open /nonexistent/key: no such file or directory`, false},
 		{[]string{"socket", "--tpmstate", "dir=" + dir, "--ctrl", ctrl}, `TPM 2.0 only: pass --tpm2`, true},
 	} {
 		if tc.vtpmdOnly && testingPeer() {

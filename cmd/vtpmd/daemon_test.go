@@ -40,6 +40,9 @@ func runTests(m *testing.M) int {
 	}
 	defer os.RemoveAll(dir)
 	daemonPath = filepath.Join(dir, "vtpmd")
+	// The daemons the tests start share one host key, outside every state
+	// dir, instead of the machine's.
+	os.Setenv("VTPMD_HOST_KEY", filepath.Join(dir, "keys", "host.key"))
 	build := exec.Command("go", "build", "-o", daemonPath, ".")
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	if err := build.Run(); err != nil {

@@ -21,8 +21,6 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
-
-	"github.com/vtpmd/vtpmd/state"
 )
 
 // End-to-end tests of the control channel driven by the real swtpm_ioctl, and
@@ -75,15 +73,14 @@ func startSocketTPM(t *testing.T, dir, flags, capture string) *socketTPM {
 	return s
 }
 
-// stateFile is the file holding the permanent state in a state directory:
-// swtpm's tpm2-00.permall, or the single state image of vtpmd (a storage
-// layout of its own; swtpm also writes tpm2-00.volatilestate on
-// CMD_STORE_VOLATILE, vtpmd keeps everything in its one image).
+// stateFile is a file that exists once the state directory holds state:
+// swtpm's tpm2-00.permall, or the CURRENT file of vtpmd's pebble store
+// (vtpmd keeps the whole state, sealed, in one record there).
 func stateFile(dir string) string {
 	if testingPeer() {
 		return filepath.Join(dir, "tpm2-00.permall")
 	}
-	return filepath.Join(dir, state.FileName)
+	return filepath.Join(dir, "CURRENT")
 }
 
 // ioctlResult is what one swtpm_ioctl run printed.

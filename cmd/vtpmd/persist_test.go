@@ -92,10 +92,9 @@ func TestPersist(t *testing.T) {
 	require.NoError(t, tt.err, "exit status after SIGTERM")
 	tt = restart(t)
 	check(t, tt)
-	b, err := os.ReadFile(stateFile(stateDir))
-	require.NoError(t, err)
-	require.Greater(t, len(b), 16)
 	if testingPeer() {
+		b, err := os.ReadFile(stateFile(stateDir))
+		require.NoError(t, err)
 		// swtpm's state file envelope: version 2, min version 1, header
 		// size 10.
 		require.Equal(t, []byte{2, 1, 0, 10}, b[:4])

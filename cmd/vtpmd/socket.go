@@ -10,10 +10,14 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
 
+	"github.com/vtpmd/vtpmd/internal/options"
+	"github.com/vtpmd/vtpmd/internal/vmstate"
+	"github.com/vtpmd/vtpmd/sealing"
 	"github.com/vtpmd/vtpmd/state"
 	"github.com/vtpmd/vtpmd/transport"
 	"github.com/vtpmd/vtpmd/vtpm"
@@ -54,15 +58,23 @@ func serveSocket(c *socketConfig, log *slog.Logger) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	defer stop()
 
-	store := &state.Dir{Path: c.stateDir, Mode: c.stateMode}
-	if c.stateLock {
-		if err := store.Lock(); err != nil {
-			return err
-		}
-		defer store.Unlock()
+	keys, err := c.keySource()
+	if err != nil {
+		return err
 	}
+	key, err := keys.StateKey(ctx, c.vmID())
+	if err != nil {
+		return err
+	}
+	log.Info("state is encrypted", "protection", keys.Protection(), "key", key)
+	store, err := state.Open(c.stateDir, state.Options{})
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+	vmState := &vmstate.Sealed{Store: store, Key: key, VMID: c.vmID(), SoleVM: true}
 	dev, err := vtpm.Open(vtpm.Config{
-		Store:               store,
+		Store:               vmState,
 		Logger:              log,
 		DisableAutoShutdown: c.disableAutoShutdown,
 		RejectLocality4:     c.rejectLocality4,
@@ -96,6 +108,9 @@ func serveSocket(c *socketConfig, log *slog.Logger) error {
 		Terminate:     c.terminate,
 		CtrlTerminate: c.ctrl != nil && c.ctrl.terminate,
 		Disconnect:    c.server != nil && c.server.disconnect,
+	}
+	if c.key != "" {
+		srv.ConfigFlags |= transport.ConfigFlagFileKey
 	}
 	errs := make(chan error, 2)
 	for _, ch := range []struct {
@@ -145,6 +160,16 @@ func (c *socketConfig) inheritedFDs() []int {
 	for _, fd := range []int{c.logFD, c.pidFD} {
 		if fd >= 0 {
 			fds = append(fds, fd)
+		}
+	}
+	if c.key != "" {
+		// The key's fd=/pwdfd= is read by the daemon, not by its parent.
+		if v, err := options.Parse("--key", c.key, "file", "fd", "pwdfile", "pwdfd", "format", "mode", "kdf", "remove"); err == nil {
+			for _, name := range []string{"fd", "pwdfd"} {
+				if fd, err := v.Int(name, -1); err == nil && fd >= 0 {
+					fds = append(fds, fd)
+				}
+			}
 		}
 	}
 	for _, e := range []*endpoint{c.ctrl, c.server} {
@@ -346,15 +371,55 @@ func printCapabilities(w io.Writer) error {
 	return err
 }
 
-// printStates prints swtpm's --print-states JSON. vtpmd keeps the whole
-// state in one image, reported under swtpm's name "permall".
+// printStates prints swtpm's --print-states JSON. vtpmd keeps a TPM's whole
+// state in one record, listed under swtpm's name "permall"; a record that
+// does not parse is listed too.
 func printStates(w io.Writer, dir string) error {
-	size, err := (&state.Dir{Path: dir}).Size()
-	switch {
-	case errors.Is(err, os.ErrNotExist):
-		_, err = fmt.Fprintln(w, `{ "type": "swtpm", "states": [] }`)
-	case err == nil:
-		_, err = fmt.Fprintf(w, "{ \"type\": \"swtpm\", \"states\": [ {\"name\": \"permall\", \"size\": %d} ] }\n", size)
+	var entries []state.Entry
+	if _, err := os.Stat(filepath.Join(dir, "CURRENT")); err == nil {
+		store, err := state.Open(dir, state.Options{ReadOnly: true})
+		if err != nil {
+			return err
+		}
+		entries, err = store.List()
+		if err = errors.Join(err, store.Close()); err != nil {
+			return err
+		}
 	}
+	var list []string
+	for _, e := range entries {
+		list = append(list, fmt.Sprintf("{\"name\": \"permall\", \"size\": %d}", e.Size))
+	}
+	if len(list) == 0 {
+		_, err := fmt.Fprintln(w, `{ "type": "swtpm", "states": [] }`)
+		return err
+	}
+	_, err := fmt.Fprintf(w, "{ \"type\": \"swtpm\", \"states\": [ %s ] }\n", strings.Join(list, ", "))
 	return err
+}
+
+// vmID names the VM whose state this is: its state directory, which for
+// libvirt holds the VM's UUID. A state directory copied to another VM's
+// place does not open there.
+func (c *socketConfig) vmID() string { return c.stateDir }
+
+// keySource is --key's key, or else the host-local key ($VTPMD_HOST_KEY,
+// or host.key in vtpmd's state root), which must lie outside the state dir.
+func (c *socketConfig) keySource() (sealing.KeySource, error) {
+	if c.key != "" {
+		return sealing.ParseSwtpmKey("--key", c.key)
+	}
+	path := os.Getenv("VTPMD_HOST_KEY")
+	if path == "" {
+		root, _ := defaultDirs()
+		path = filepath.Join(root, "host.key")
+	}
+	path, err := filepath.Abs(path)
+	if err != nil {
+		return nil, err
+	}
+	if rel, err := filepath.Rel(c.stateDir, path); err == nil && !strings.HasPrefix(rel, "..") {
+		return nil, fmt.Errorf("the host key %s lies inside the state dir %s: keep it elsewhere (VTPMD_HOST_KEY)", path, c.stateDir)
+	}
+	return &sealing.HostKey{Path: path}, nil
 }

@@ -30,10 +30,9 @@ type endpoint struct {
 
 // socketConfig is the command line of `vtpmd socket`, which is swtpm's.
 type socketConfig struct {
-	tpm2      bool
-	stateDir  string
-	stateMode os.FileMode
-	stateLock bool
+	tpm2     bool
+	stateDir string
+	key      string // --key's value, read when serving
 
 	ctrl   *endpoint
 	server *endpoint
@@ -60,9 +59,9 @@ type socketConfig struct {
 }
 
 func parseSocketConfig(args []string) (*socketConfig, error) {
-	c := &socketConfig{stateLock: true, stateMode: 0o600, logFD: -1, pidFD: -1}
+	c := &socketConfig{logFD: -1, pidFD: -1}
 	var tpmstate, ctrl, server, logOpt, pid, flags, locality, port, fd string
-	var runas, chroot, key, migrationKey, migration, seccomp string
+	var runas, chroot, migrationKey, migration, seccomp string
 	specs := []flagSpec{
 		{long: "tpm2", set: setBool(&c.tpm2)},
 		{long: "tpmstate", takesValue: true, set: setString(&tpmstate)},
@@ -80,7 +79,7 @@ func parseSocketConfig(args []string) (*socketConfig, error) {
 		{long: "print-states", set: setBool(&c.printStates)},
 		{long: "help", short: "h", set: setBool(&c.help)},
 		// Options swtpm has that vtpmd refuses with a clear reason.
-		{long: "key", takesValue: true, set: setString(&key)},
+		{long: "key", takesValue: true, set: setString(&c.key)},
 		{long: "migration-key", takesValue: true, set: setString(&migrationKey)},
 		{long: "migration", takesValue: true, set: setString(&migration)},
 		{long: "runas", short: "r", takesValue: true, set: setString(&runas)},
@@ -91,7 +90,6 @@ func parseSocketConfig(args []string) (*socketConfig, error) {
 		return nil, err
 	}
 	for _, refused := range []struct{ name, value, why string }{
-		{"--key", key, "state encryption keys are not supported yet"},
 		{"--migration-key", migrationKey, "migration keys are not supported yet"},
 		{"--migration", migration, "storage lock hand-over for migration is not supported yet"},
 		{"--runas", runas, "run vtpmd as the target user instead"},
@@ -188,11 +186,15 @@ func (c *socketConfig) parseTPMState(s string) error {
 	if c.stateDir == "" {
 		return fmt.Errorf("--tpmstate: empty directory")
 	}
-	if c.stateMode, err = v.Mode("mode", 0o600); err != nil {
+	// The store's files are always 0600 in a 0700 directory, so mode= can
+	// only make them more private than asked; every write is fsynced, so
+	// fsync= holds either way.
+	if _, err := v.Mode("mode", 0o600); err != nil {
 		return err
 	}
-	// Every write is fsynced, so fsync= is accepted either way.
-	c.stateLock = v.Bool("lock", true)
+	if !v.Bool("lock", true) {
+		return fmt.Errorf("--tpmstate: lock=false: the state store is always locked while open")
+	}
 	c.stateDir, err = filepath.Abs(c.stateDir)
 	return err
 }

@@ -1,0 +1,83 @@
+// Package vmstate keeps one VM's TPM state sealed under the VM's key as a
+// record in a state store: the vtpm.Store of a Device. It joins sealing,
+// which owns the keys, and state, which stores sealed bytes.
+package vmstate
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/vtpmd/vtpmd/sealing"
+	"github.com/vtpmd/vtpmd/state"
+	"github.com/vtpmd/vtpmd/vtpm"
+)
+
+// Sealed is one VM's sealed, stored TPM state. It implements vtpm.Store.
+type Sealed struct {
+	// Store holds the records.
+	Store *state.Store
+	// Key is the VM's state key.
+	Key *sealing.Key
+	// VMID names the VM; it is bound into every sealed image.
+	VMID string
+	// SoleVM says the store is this VM's alone (socket mode): a record of
+	// another VM in it is an error, never a reason to make a new TPM.
+	SoleVM bool
+
+	// last is the record last loaded or stored.
+	last *state.Record
+}
+
+// Load opens the VM's record. Every failure names the VM and the reason,
+// and leaves the record as it is.
+func (s *Sealed) Load() ([]byte, error) {
+	rec, err := s.Store.Get(s.VMID)
+	if errors.Is(err, state.ErrNotFound) && s.SoleVM {
+		if others, lerr := s.Store.List(); lerr == nil && len(others) > 0 {
+			return nil, fmt.Errorf("state store %s holds the state of VM %q, not of VM %q: refusing to make a new TPM over it", s.Store.Dir(), others[0].VMID, s.VMID)
+		}
+	}
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case rec.VMID != s.VMID:
+		return nil, fmt.Errorf("the state stored for VM %q belongs to VM %q", s.VMID, rec.VMID)
+	case s.last != nil && rec.Generation < s.last.Generation:
+		return nil, fmt.Errorf("state of VM %q: generation %d is older than %d, already seen", s.VMID, rec.Generation, s.last.Generation)
+	}
+	image, err := sealing.Open(s.Key, s.VMID, sealing.KindTPMState, rec.Generation, rec.Sealed)
+	if err != nil {
+		return nil, fmt.Errorf("state of VM %q (generation %d) does not open: %w", s.VMID, rec.Generation, err)
+	}
+	s.last = rec
+	return image, nil
+}
+
+// Save seals the image as the next generation and stores it durably.
+func (s *Sealed) Save(image []byte) error {
+	if s.last == nil {
+		// Nothing loaded yet (a new TPM, or one set by SET_STATEBLOB): go
+		// on from the stored generation, but never over a corrupt record.
+		rec, err := s.Store.Get(s.VMID)
+		switch {
+		case errors.Is(err, state.ErrNotFound):
+			rec = &state.Record{VMID: s.VMID, Created: time.Now().UTC()}
+		case err != nil:
+			return fmt.Errorf("not overwriting the stored state: %w", err)
+		}
+		s.last = rec
+	}
+	next := &state.Record{VMID: s.VMID, Generation: s.last.Generation + 1, Created: s.last.Created, Engine: vtpm.EngineVersion}
+	sealed, err := sealing.Seal(s.Key, s.VMID, sealing.KindTPMState, next.Generation, image)
+	if err != nil {
+		return fmt.Errorf("seal state of VM %q: %w", s.VMID, err)
+	}
+	next.Sealed = sealed
+	if err := s.Store.Put(next); err != nil {
+		return err
+	}
+	s.last = next
+	return nil
+}
