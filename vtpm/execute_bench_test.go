@@ -3,13 +3,30 @@ package vtpm_test
 import (
 	"context"
 	"encoding/binary"
+	"fmt"
+	"io/fs"
 	"testing"
 
 	"github.com/google/go-tpm/tpm2"
 
-	"github.com/vtpmd/vtpmd/state"
 	"github.com/vtpmd/vtpmd/vtpm"
 )
+
+// benchStore keeps the state image in memory, so the benchmarks measure the
+// engine and the Device, not a disk.
+type benchStore struct{ image []byte }
+
+func (s *benchStore) Load() ([]byte, error) {
+	if s.image == nil {
+		return nil, fmt.Errorf("bench store: %w", fs.ErrNotExist)
+	}
+	return s.image, nil
+}
+
+func (s *benchStore) Save(image []byte) error {
+	s.image = append(s.image[:0], image...)
+	return nil
+}
 
 // benchSend runs go-tpm's typed commands on a Device, for set-up.
 type benchSend struct{ d *vtpm.Device }
@@ -33,11 +50,12 @@ var (
 )
 
 // BenchmarkExecute times Device.Execute, the engine round trip of every data
-// channel command, with vtpmd's store (state.Dir: an atomic, fsynced file
-// whenever NV changes). GetRandom and PCR_Extend leave NV alone;
-// NV_Increment of a counter changes it, so it measures a durable write.
+// channel command. GetRandom and PCR_Extend leave NV alone; NV_Increment of
+// a counter changes it, so it includes the export and encoding of the NV
+// image handed to the store (kept in memory here: the cost of the disk is
+// measured by bench/, with the daemon's own store).
 func BenchmarkExecute(b *testing.B) {
-	d, err := vtpm.Open(vtpm.Config{Store: &state.Dir{Path: b.TempDir()}})
+	d, err := vtpm.Open(vtpm.Config{Store: &benchStore{}})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -66,7 +84,7 @@ func BenchmarkExecute(b *testing.B) {
 	}{
 		{"GetRandom", benchGetRandom},
 		{"PCRExtend", benchPCRExtend},
-		{"NVIncrementDurable", benchNVIncrement},
+		{"NVIncrement", benchNVIncrement},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
 			ctx := context.Background()

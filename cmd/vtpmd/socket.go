@@ -62,17 +62,12 @@ func serveSocket(c *socketConfig, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	key, err := keys.StateKey(ctx, c.vmID())
+	vmState, err := vmstate.Open(ctx, c.stateDir, keys, c.vmID())
 	if err != nil {
 		return err
 	}
-	log.Info("state is encrypted", "protection", keys.Protection(), "key", key)
-	store, err := state.Open(c.stateDir, state.Options{})
-	if err != nil {
-		return err
-	}
-	defer store.Close()
-	vmState := &vmstate.Sealed{Store: store, Key: key, VMID: c.vmID(), SoleVM: true}
+	defer vmState.Close()
+	log.Info("state is encrypted", "protection", keys.Protection(), "key", vmState.Key)
 	dev, err := vtpm.Open(vtpm.Config{
 		Store:               vmState,
 		Logger:              log,

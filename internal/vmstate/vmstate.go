@@ -4,6 +4,7 @@
 package vmstate
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"time"
@@ -81,3 +82,20 @@ func (s *Sealed) Save(image []byte) error {
 	s.last = next
 	return nil
 }
+
+// Open opens the store in dir for the sole VM vmID, whose key comes from
+// keys. Close releases the store.
+func Open(ctx context.Context, dir string, keys sealing.KeySource, vmID string) (*Sealed, error) {
+	key, err := keys.StateKey(ctx, vmID)
+	if err != nil {
+		return nil, err
+	}
+	store, err := state.Open(dir, state.Options{})
+	if err != nil {
+		return nil, err
+	}
+	return &Sealed{Store: store, Key: key, VMID: vmID, SoleVM: true}, nil
+}
+
+// Close closes the store.
+func (s *Sealed) Close() error { return s.Store.Close() }
