@@ -56,6 +56,7 @@ func run() error {
 		duration = flag.Duration("duration", 3*time.Second, "measured time of each (daemon, operation, VMs) cell")
 		warmup   = flag.Duration("warmup", 300*time.Millisecond, "unmeasured time before each cell")
 		engineD  = flag.Duration("engine-duration", time.Second, "time of each engine-floor operation")
+		rounds   = flag.Int("rounds", 1, "runs of each cell, the daemons taking turns; the best is reported (for a machine with other load)")
 		starts   = flag.Int("starts", 5, "start-up samples per daemon, for a new and for an existing state")
 		out      = flag.String("out", "results", "directory for results.md, results.svg and results.json")
 		stateDir = flag.String("statedir", "", "where to make the state directories (default: the system's temporary directory)")
@@ -70,7 +71,7 @@ func run() error {
 	}
 
 	cfg := driver.Config{
-		Duration: *duration, Warmup: *warmup, EngineDuration: *engineD, Starts: *starts,
+		Duration: *duration, Warmup: *warmup, EngineDuration: *engineD, Starts: *starts, Rounds: *rounds,
 		StateDir: *stateDir, Keep: *keep, Engine: *engine,
 	}
 	var err error
@@ -132,6 +133,7 @@ func run() error {
 	if rep == nil {
 		return runErr
 	}
+	rep.Machine.Tree = sourceTree()
 	if runErr != nil {
 		rep.Notes = append(rep.Notes, "the run did not finish: "+runErr.Error())
 	}
@@ -160,6 +162,20 @@ func write(dir string, rep *report.Report) error {
 		}
 	}
 	return nil
+}
+
+// sourceTree names the commit of the git tree in the working directory,
+// with "+dirty" when it has uncommitted changes; "" outside a git tree.
+func sourceTree() string {
+	out, err := exec.Command("git", "rev-parse", "--short", "HEAD").Output()
+	if err != nil {
+		return ""
+	}
+	tree := strings.TrimSpace(string(out))
+	if st, err := exec.Command("git", "status", "--porcelain", "--untracked-files=no").Output(); err == nil && len(bytes.TrimSpace(st)) > 0 {
+		tree += "+dirty"
+	}
+	return tree
 }
 
 func parseInts(s string) ([]int, error) {

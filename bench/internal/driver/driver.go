@@ -49,6 +49,9 @@ type Config struct {
 	// EngineDuration is the time of each engine-floor operation;
 	// 0 means Duration.
 	EngineDuration time.Duration
+	// Rounds is the number of times each cell runs, the daemons taking
+	// turns; the best round (by throughput) is reported. 0 means 1.
+	Rounds int
 	// Starts is the number of start-up samples per daemon and state.
 	Starts int
 	// StateDir is where state directories are made; "" is the system's
@@ -92,6 +95,9 @@ func Run(ctx context.Context, cfg Config) (*report.Report, error) {
 	if cfg.Starts <= 0 {
 		cfg.Starts = 1
 	}
+	if cfg.Rounds <= 0 {
+		cfg.Rounds = 1
+	}
 	if cfg.EngineDuration == 0 {
 		cfg.EngineDuration = cfg.Duration
 	}
@@ -105,7 +111,7 @@ func Run(ctx context.Context, cfg Config) (*report.Report, error) {
 	r.rep = &report.Report{
 		Started: time.Now(),
 		Settings: report.Settings{
-			VMs: cfg.VMs, Duration: cfg.Duration, Warmup: cfg.Warmup, Starts: cfg.Starts,
+			VMs: cfg.VMs, Duration: cfg.Duration, Warmup: cfg.Warmup, Starts: cfg.Starts, Rounds: cfg.Rounds,
 		},
 		Machine: machine(base, cfg.Daemons),
 	}
@@ -122,6 +128,7 @@ func Run(ctx context.Context, cfg Config) (*report.Report, error) {
 			os.RemoveAll(base)
 		}
 		r.rep.Elapsed = time.Since(r.rep.Started)
+		r.rep.Machine.LoadAfter = loadAverage()
 	}()
 	err = r.all(ctx)
 	if err == nil {
@@ -132,7 +139,7 @@ func Run(ctx context.Context, cfg Config) (*report.Report, error) {
 
 func (r *run) all(ctx context.Context) error {
 	if r.cfg.Engine {
-		for _, store := range []string{"dir", "memory"} {
+		for _, store := range []string{"memory", "file"} {
 			cells, err := engineFloor(ctx, r.cfg.Ops, store, filepath.Join(r.base, "engine-"+store), r.cfg.EngineDuration, r.cfg.Progress)
 			r.rep.Engine = append(r.rep.Engine, cells...)
 			if ctx.Err() != nil {
@@ -283,24 +290,40 @@ func (r *run) level(ctx context.Context, n int) error {
 		for i := range runners {
 			runners[i] = runner
 		}
-		r.cfg.progress("%d VMs: echo floor", n)
-		cell, err := r.cell(ctx, report.Echo, "echo", r.echoRTs[:n], runners, []*fleet.Instance{r.echo})
-		if err != nil {
-			return err
-		}
-		r.rep.Cells = append(r.rep.Cells, cell)
-	}
-	for i, op := range r.cfg.Ops {
-		kinds := slices.Clone(r.kinds)
-		if i%2 == 1 {
-			// Alternate which daemon goes first, so drift during the run
-			// does not always favour the same one.
-			slices.Reverse(kinds)
-		}
-		for _, k := range kinds {
-			if err := r.opCell(ctx, k.Name, op, n); err != nil {
+		var best report.Cell
+		for round := range r.cfg.Rounds {
+			r.cfg.progress("%d VMs: echo floor", n)
+			cell, err := r.cell(ctx, report.Echo, "echo", r.echoRTs[:n], runners, []*fleet.Instance{r.echo})
+			if err != nil {
 				return err
 			}
+			if round == 0 || better(cell, best) {
+				best = cell
+			}
+		}
+		r.rep.Cells = append(r.rep.Cells, best)
+	}
+	for i, op := range r.cfg.Ops {
+		best := map[string]report.Cell{}
+		for round := range r.cfg.Rounds {
+			kinds := slices.Clone(r.kinds)
+			if (i+round)%2 == 1 {
+				// Alternate which daemon goes first, so drift during the
+				// run does not always favour the same one.
+				slices.Reverse(kinds)
+			}
+			for _, k := range kinds {
+				cell, err := r.opCell(ctx, k.Name, op, n)
+				if err != nil {
+					return err
+				}
+				if b, ok := best[k.Name]; !ok || better(cell, b) {
+					best[k.Name] = cell
+				}
+			}
+		}
+		for _, k := range r.kinds {
+			r.rep.Cells = append(r.rep.Cells, best[k.Name])
 		}
 	}
 	return nil
@@ -322,7 +345,7 @@ func (r *run) memory(daemon string, n int) error {
 }
 
 // opCell runs op on the first n VMs of daemon.
-func (r *run) opCell(ctx context.Context, daemon string, op workload.Op, n int) error {
+func (r *run) opCell(ctx context.Context, daemon string, op workload.Op, n int) (report.Cell, error) {
 	vms := r.fleets[daemon][:n]
 	phases := make([]*workload.Phase, n)
 	defer func() {
@@ -339,7 +362,7 @@ func (r *run) opCell(ctx context.Context, daemon string, op workload.Op, n int) 
 		return err
 	})
 	if err != nil {
-		return fmt.Errorf("%s: %w", daemon, err)
+		return report.Cell{}, fmt.Errorf("%s: %w", daemon, err)
 	}
 	rts := make([]workload.RoundTripper, n)
 	runners := make([]workload.Runner, n)
@@ -350,13 +373,22 @@ func (r *run) opCell(ctx context.Context, daemon string, op workload.Op, n int) 
 	r.cfg.progress("%d VMs: %s %s", n, daemon, op.Name)
 	cell, err := r.cell(ctx, daemon, op.Name, rts, runners, ins)
 	if err != nil {
-		return err
+		return cell, err
 	}
-	r.rep.Cells = append(r.rep.Cells, cell)
 	if cell.Errors > 0 {
 		r.cfg.progress("%d VMs: %s %s: %d errors, first: %s", n, daemon, op.Name, cell.Errors, cell.FirstError)
 	}
-	return nil
+	return cell, nil
+}
+
+// better reports whether round a is to be kept rather than round b: fewer
+// errors, then more throughput. Other load on the machine only slows a round
+// down, so the best of a few is the closest to what the daemon can do.
+func better(a, b report.Cell) bool {
+	if (a.Errors == 0) != (b.Errors == 0) {
+		return a.Errors == 0
+	}
+	return a.OpsPerSec > b.OpsPerSec
 }
 
 // cell runs runners[i] on rts[i], each on its own goroutine, for the warm-up
@@ -501,6 +533,7 @@ func machine(stateDir string, daemons []Daemon) report.Machine {
 		m.Kernel = strings.TrimSpace(string(b))
 	}
 	m.StateFS = fsType(stateDir)
+	m.LoadBefore = loadAverage()
 	for _, d := range daemons {
 		out, err := exec.Command(d.Path, "--version").CombinedOutput()
 		line, _, _ := strings.Cut(strings.TrimSpace(string(out)), "\n")
@@ -510,4 +543,18 @@ func machine(stateDir string, daemons []Daemon) report.Machine {
 		m.Versions[d.Name] = line
 	}
 	return m
+}
+
+// loadAverage returns the 1, 5 and 15 minute load averages: other work on
+// the machine during the run shows there.
+func loadAverage() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "unknown"
+	}
+	return strings.Join(f[:3], " ")
 }

@@ -2,15 +2,17 @@ package driver
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io/fs"
+	"os"
+	"path/filepath"
 	"slices"
 	"sync"
 	"time"
 
 	"github.com/vtpmd/vtpmd/bench/internal/report"
 	"github.com/vtpmd/vtpmd/bench/internal/workload"
-	"github.com/vtpmd/vtpmd/state"
 	"github.com/vtpmd/vtpmd/vtpm"
 )
 
@@ -43,16 +45,51 @@ func (m *memStore) Save(img []byte) error {
 	return nil
 }
 
+// fileStore keeps the image in one file, replaced atomically and durably on
+// every change: a temporary file written and fsynced, renamed over the old
+// one, and the directory fsynced. It is the least a durable store does per
+// change, whatever vtpmd's own store adds, so the engine floor does not
+// depend on how vtpmd keeps its state.
+type fileStore struct{ dir string }
+
+func (f fileStore) path() string { return filepath.Join(f.dir, "image") }
+
+func (f fileStore) Load() ([]byte, error) { return os.ReadFile(f.path()) }
+
+func (f fileStore) Save(img []byte) error {
+	if err := os.MkdirAll(f.dir, 0o700); err != nil {
+		return err
+	}
+	tmp, err := os.CreateTemp(f.dir, ".image-")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	_, err = tmp.Write(img)
+	err = errors.Join(err, tmp.Sync(), tmp.Close())
+	if err == nil {
+		err = os.Rename(tmp.Name(), f.path())
+	}
+	if err != nil {
+		return err
+	}
+	d, err := os.Open(f.dir)
+	if err != nil {
+		return err
+	}
+	return errors.Join(d.Sync(), d.Close())
+}
+
 // startupClear is TPM2_Startup(SU_CLEAR).
 var startupClear = []byte{0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x44, 0, 0}
 
-// engineFloor times each operation on the engine in this process, with the
-// store vtpmd uses (state.Dir in dir) or none ("memory"). The engine is one
+// engineFloor times each operation on the engine in this process, with a
+// durable file store in dir ("file") or none ("memory"). The engine is one
 // per process: it is opened here and closed before returning.
 func engineFloor(ctx context.Context, ops []workload.Op, storeName, dir string, d time.Duration, progress func(string)) ([]report.EngineCell, error) {
 	var store vtpm.Store = &memStore{}
-	if storeName == "dir" {
-		store = &state.Dir{Path: dir}
+	if storeName == "file" {
+		store = fileStore{dir: dir}
 	}
 	dev, err := vtpm.Open(vtpm.Config{Store: store})
 	if err != nil {

@@ -44,6 +44,11 @@ type Machine struct {
 	GoVersion string
 	// StateFS is the file system type of the state directories.
 	StateFS string
+	// LoadBefore and LoadAfter are /proc/loadavg's 1, 5 and 15 minute
+	// load averages at the start and the end of the run.
+	LoadBefore, LoadAfter string
+	// Tree is the source tree's commit, "+dirty" with uncommitted changes.
+	Tree string `json:",omitempty"`
 	// Versions are the daemons' --version lines.
 	Versions map[string]string
 }
@@ -54,6 +59,8 @@ type Settings struct {
 	Duration time.Duration
 	Warmup   time.Duration
 	Starts   int
+	// Rounds is the number of runs of each cell; the best is reported.
+	Rounds int
 }
 
 // Op is an operation.
@@ -89,7 +96,8 @@ type Cell struct {
 // EngineCell is the engine's in-process time for one operation.
 type EngineCell struct {
 	Op string
-	// Store is "dir" (state.Dir, as vtpmd) or "memory" (no persistence).
+	// Store is "memory" (no persistence) or "file" (an atomic, fsynced
+	// file per change).
 	Store string
 	Ops   int64
 	Mean  time.Duration

@@ -198,7 +198,7 @@ func (r *Report) floorTable() table {
 	n := r.Settings.VMs[0]
 	t := table{
 		title: fmt.Sprintf("Floors: the engine in process and the daemons' median latency at %d VM(s)", n),
-		header: []string{"op", "engine mean (state.Dir)", "engine mean (memory store)",
+		header: []string{"op", "engine mean (memory store)", "engine mean (fsynced file store)",
 			fmt.Sprintf("%s p50 @%d", sub, n)},
 	}
 	if r.HasBaseline() {
@@ -206,14 +206,14 @@ func (r *Report) floorTable() table {
 	}
 	t.header = append(t.header, fmt.Sprintf("echo p50 @%d", n))
 	t.notes = append(t.notes,
-		"engine: Device.Execute of the same command bytes in this process, one engine per process; state.Dir is vtpmd's store (an atomic, fsynced file per change), the memory store keeps nothing durable.",
+		"engine: vtpm.Device.Execute of the same command bytes in this process, one engine per process; the memory store keeps nothing, the file store replaces one file atomically and fsyncs it (and its directory) on every change, the least a durable store does.",
 		"echo: the round trip of a trivial echo server over the same unix stream socket type; the daemon's latency minus echo and engine is its own overhead.")
 	echo, _ := r.Cell(Echo, "echo", n)
 	for _, op := range r.Ops {
-		dir, _ := r.EngineCell(op.Name, "dir")
 		mem, _ := r.EngineCell(op.Name, "memory")
+		file, _ := r.EngineCell(op.Name, "file")
 		s, _ := r.Cell(sub, op.Name, n)
-		row := []string{op.Name, engineText(dir), engineText(mem), fmtDur(s.P50)}
+		row := []string{op.Name, engineText(mem), engineText(file), fmtDur(s.P50)}
 		if r.HasBaseline() {
 			b, _ := r.Cell(Baseline, op.Name, n)
 			row = append(row, fmtDur(b.P50))
@@ -331,17 +331,26 @@ func (r *Report) settingsLine() string {
 	for _, n := range r.Settings.VMs {
 		vms = append(vms, strconv.Itoa(n))
 	}
-	return fmt.Sprintf("VMs %s; %v measured per cell after a %v warm-up; one persistent data connection per VM; run took %v",
-		strings.Join(vms, ","), r.Settings.Duration, r.Settings.Warmup, r.Elapsed.Round(time.Second))
+	rounds := ""
+	if r.Settings.Rounds > 1 {
+		rounds = fmt.Sprintf(", best of %d rounds (the daemons take turns)", r.Settings.Rounds)
+	}
+	return fmt.Sprintf("VMs %s; %v measured per cell after a %v warm-up%s; one persistent data connection per VM; run took %v",
+		strings.Join(vms, ","), r.Settings.Duration, r.Settings.Warmup, rounds, r.Elapsed.Round(time.Second))
 }
 
 func (r *Report) machineLines() []string {
 	m := r.Machine
 	lines := []string{
 		fmt.Sprintf("%d CPUs (nproc), %s; kernel %s; %s; state directories on %s", m.NProc, m.CPU, m.Kernel, m.GoVersion, m.StateFS),
+		fmt.Sprintf("load average (1, 5, 15 min) %s at the start, %s at the end", m.LoadBefore, m.LoadAfter),
 	}
 	for _, d := range r.Daemons {
-		lines = append(lines, fmt.Sprintf("%s: %s", d, m.Versions[d]))
+		line := fmt.Sprintf("%s: %s", d, m.Versions[d])
+		if d == r.Subject() && m.Tree != "" {
+			line += ", built from " + m.Tree
+		}
+		lines = append(lines, line)
 	}
 	return lines
 }
