@@ -409,9 +409,11 @@ func copyFile(src, dst string) error {
 }
 
 // guestInit is the initramfs /init. It prints one "VTPMD-TEST key=value" line
-// per check, "VTPMD-TEST done" at the end, then waits for a command line on
-// the serial console: "reboot" (reboot -f) or anything else/timeout
-// (poweroff -f).
+// per check, "VTPMD-TEST done" at the end, then waits for command lines on
+// the serial console: "reboot" (reboot -f), "setup" and "state" (the TPM
+// state reports of the migration test, each from "VTPMD-TEST report" to
+// "VTPMD-TEST done"; the guest then waits for the next line), or anything
+// else/timeout (poweroff -f).
 const guestInit = `#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp
 /bin/busybox --install -s /bin
@@ -431,27 +433,56 @@ while [ ! -e /dev/tpmrm0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
 if [ -e /sys/class/tpm/tpm0 ]; then say tpm0=present; else say tpm0=absent; fi
 say tpm_version_major=$(cat /sys/class/tpm/tpm0/tpm_version_major 2>/dev/null)
 say driver=$(basename "$(readlink /sys/class/tpm/tpm0/device/driver 2>/dev/null)")
-for i in 0 1 2 3 4 5 6 7; do
-	say pcr-sha256-$i=$(cat /sys/class/tpm/tpm0/pcr-sha256/$i 2>/dev/null)
-done
-# tpmcmd FILE: send the raw command in FILE through /dev/tpmrm0 in one write,
-# read the response with one read and print it as hex.
+pcrs() {
+	for i in "$@"; do
+		say pcr-sha256-$i=$(cat /sys/class/tpm/tpm0/pcr-sha256/$i 2>/dev/null)
+	done
+}
+pcrs 0 1 2 3 4 5 6 7
+# tpmcmd FILE...: send the raw command in each FILE through one open
+# /dev/tpmrm0 (so that transient handles stay valid from one to the next) in
+# one write, read each response with one read and print the responses as hex,
+# separated by commas.
 tpmcmd() {
 	exec 3<>/dev/tpmrm0 || return
-	dd if="$1" bs=4096 count=1 2>/dev/null >&3
-	dd bs=4096 count=1 2>/dev/null <&3 | od -An -v -tx1 | tr -d ' \n'
+	sep=
+	for f in "$@"; do
+		printf '%s' "$sep"
+		dd if="$f" bs=4096 count=1 2>/dev/null >&3
+		dd bs=4096 count=1 2>/dev/null <&3 | od -An -v -tx1 | tr -d ' \n'
+		sep=,
+	done
 	exec 3<&-
 }
 say getrandom=$(tpmcmd /getrandom.bin)
 say readclock=$(tpmcmd /readclock.bin)
 say done
-cmd=
-read -t 600 cmd
-case "$cmd" in
-reboot) reboot -f ;;
-*) poweroff -f ;;
-esac
-sleep 600
+while :; do
+	cmd=
+	read -t 600 cmd
+	case "$cmd" in
+	reboot) reboot -f ;;
+	setup)
+		say report
+		say nvdefine=$(tpmcmd /nvdefine.bin)
+		say nvwrite=$(tpmcmd /nvwrite.bin)
+		say extend10=$(tpmcmd /extend10.bin)
+		say extend16=$(tpmcmd /extend16.bin)
+		say persist=$(tpmcmd /createprimary.bin /evictcontrol.bin)
+		say done
+		;;
+	state)
+		say report
+		pcrs 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23
+		say nvread=$(tpmcmd /nvread.bin)
+		say readpublic=$(tpmcmd /readpublic.bin)
+		say getrandom=$(tpmcmd /getrandom.bin)
+		say readclock=$(tpmcmd /readclock.bin)
+		say done
+		;;
+	*) poweroff -f ;;
+	esac
+done
 `
 
 // Raw TPM commands the guest sends through /dev/tpmrm0.
@@ -494,6 +525,9 @@ func buildInitramfs(t *testing.T, k guestKernel, path string) {
 	a.add("init", 0o100755, []byte(guestInit), 0, 0)
 	a.add("getrandom.bin", 0o100644, guestGetRandom, 0, 0)
 	a.add("readclock.bin", 0o100644, guestReadClock, 0, 0)
+	for _, c := range guestStateCommands {
+		a.add(c.file, 0o100644, c.cmd, 0, 0)
+	}
 	var names []string
 	for _, m := range k.modules {
 		data, err := os.ReadFile(m)

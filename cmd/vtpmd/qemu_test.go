@@ -116,6 +116,7 @@ type guestMachine struct {
 	dir                  string
 	capture              *trafficLog // non-nil with VTPMD_CAPTURE set
 	proxy                *fdProxy    // the capture proxy of the running daemon
+	incoming             string      // -incoming URI: QEMU waits for a migration
 	boots                []guestBoot
 }
 
@@ -219,6 +220,9 @@ func (g *guestMachine) startQEMU(t *testing.T) *qemuVM {
 		"-device", g.iface + ",tpmdev=tpm0",
 	}
 	args = append(args, g.fw.args(t, g.dir)...)
+	if g.incoming != "" {
+		args = append(args, "-incoming", g.incoming)
+	}
 	return startQEMU(t, g.qemu, args, monitor)
 }
 
@@ -388,7 +392,7 @@ func (vm *qemuVM) readConsole(r io.Reader) {
 		if i := strings.Index(line, guestMarker); i >= 0 {
 			field := line[i+len(guestMarker):]
 			switch {
-			case field == "boot":
+			case field == "boot", field == "report":
 				cur = guestReport{}
 			case field == "done":
 				if cur != nil {
@@ -444,8 +448,10 @@ func (vm *qemuVM) console(t *testing.T, line string) {
 	require.NoError(t, err, "write to the guest console")
 }
 
-// monitor runs one command on QEMU's human monitor.
-func (vm *qemuVM) monitor(t *testing.T, command string) {
+// monitor runs one command on QEMU's human monitor and returns what the
+// monitor printed up to the next prompt (its echo of the command included).
+// For "quit" it waits for QEMU to close the connection instead.
+func (vm *qemuVM) monitor(t *testing.T, command string) string {
 	t.Helper()
 	conn, err := net.DialTimeout("unix", vm.monitorPath, 5*time.Second)
 	require.NoError(t, err, "connect to the QEMU monitor")
@@ -464,7 +470,11 @@ func (vm *qemuVM) monitor(t *testing.T, command string) {
 	readPrompt()
 	_, err = io.WriteString(conn, command+"\n")
 	require.NoError(t, err)
-	readPrompt()
+	if command == "quit" {
+		out, _ := io.ReadAll(conn)
+		return string(out)
+	}
+	return strings.TrimSuffix(readPrompt(), "(qemu) ")
 }
 
 func (vm *qemuVM) waitExit(t *testing.T, timeout time.Duration) {
