@@ -51,7 +51,7 @@ func Open(dir string, o Options) (*Store, error) {
 	})
 	if err != nil {
 		cache.Unref()
-		if errors.Is(err, syscall.EAGAIN) || errors.Is(err, syscall.EACCES) || strings.Contains(err.Error(), "resource temporarily unavailable") {
+		if errors.Is(err, syscall.EAGAIN) || errors.Is(err, syscall.EACCES) || strings.Contains(err.Error(), "resource temporarily unavailable") || strings.Contains(err.Error(), "lock held") {
 			return nil, fmt.Errorf("open state store %s: %w", dir, ErrLocked)
 		}
 		return nil, fmt.Errorf("open state store %s: %w", dir, err)

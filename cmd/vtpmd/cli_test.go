@@ -24,6 +24,12 @@ import (
 // and exit code.
 func runDaemonCmd(t *testing.T, args ...string) (string, int) {
 	t.Helper()
+	return runDaemonCmdEnv(t, os.Environ(), args...)
+}
+
+// runDaemonCmdEnv is runDaemonCmd with the environment env.
+func runDaemonCmdEnv(t *testing.T, env []string, args ...string) (string, int) {
+	t.Helper()
 	// Output goes to a file, not a pipe: a daemonized child may keep it.
 	out, err := os.CreateTemp(t.TempDir(), "out")
 	require.NoError(t, err)
@@ -32,6 +38,7 @@ func runDaemonCmd(t *testing.T, args ...string) (string, int) {
 	defer cancel()
 	cmd := exec.CommandContext(ctx, daemonPath, args...)
 	cmd.Stdout, cmd.Stderr = out, out
+	cmd.Env = env
 	err = cmd.Run()
 	text, readErr := os.ReadFile(out.Name())
 	require.NoError(t, readErr)

@@ -33,12 +33,7 @@ type Sealed struct {
 // Load opens the VM's record. Every failure names the VM and the reason,
 // and leaves the record as it is.
 func (s *Sealed) Load() ([]byte, error) {
-	rec, err := s.Store.Get(s.VMID)
-	if errors.Is(err, state.ErrNotFound) && s.SoleVM {
-		if others, lerr := s.Store.List(); lerr == nil && len(others) > 0 {
-			return nil, fmt.Errorf("state store %s holds the state of VM %q, not of VM %q: refusing to make a new TPM over it", s.Store.Dir(), others[0].VMID, s.VMID)
-		}
-	}
+	rec, err := s.get()
 	if err != nil {
 		return nil, err
 	}
@@ -56,12 +51,28 @@ func (s *Sealed) Load() ([]byte, error) {
 	return image, nil
 }
 
+// get reads the VM's record. In a store of its own, another VM's record and
+// none of this VM's is an error, not a missing record.
+func (s *Sealed) get() (*state.Record, error) {
+	rec, err := s.Store.Get(s.VMID)
+	if errors.Is(err, state.ErrNotFound) && s.SoleVM {
+		others, lerr := s.Store.List()
+		if lerr != nil {
+			return nil, lerr
+		}
+		if len(others) > 0 {
+			return nil, fmt.Errorf("state store %s holds the state of VM %q, not of VM %q: refusing to make a new TPM over it", s.Store.Dir(), others[0].VMID, s.VMID)
+		}
+	}
+	return rec, err
+}
+
 // Save seals the image as the next generation and stores it durably.
 func (s *Sealed) Save(image []byte) error {
 	if s.last == nil {
 		// Nothing loaded yet (a new TPM, or one set by SET_STATEBLOB): go
 		// on from the stored generation, but never over a corrupt record.
-		rec, err := s.Store.Get(s.VMID)
+		rec, err := s.get()
 		switch {
 		case errors.Is(err, state.ErrNotFound):
 			rec = &state.Record{VMID: s.VMID, Created: time.Now().UTC()}

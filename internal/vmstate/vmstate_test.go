@@ -1,0 +1,91 @@
+package vmstate
+
+import (
+	"context"
+	"path/filepath"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vtpmd/vtpmd/sealing"
+	"github.com/vtpmd/vtpmd/state"
+)
+
+func open(t *testing.T, dir, hostKey, vmID string) *Sealed {
+	t.Helper()
+	s, err := Open(context.Background(), dir, &sealing.HostKey{Path: hostKey}, vmID)
+	require.NoError(t, err)
+	return s
+}
+
+func TestSaveLoad(t *testing.T) {
+	root := t.TempDir()
+	dir, key := filepath.Join(root, "vm1"), filepath.Join(root, "host.key")
+	s := open(t, dir, key, "vm1")
+	_, err := s.Load()
+	assert.ErrorIs(t, err, state.ErrNotFound)
+	require.NoError(t, s.Save([]byte("image 1")))
+	require.NoError(t, s.Save([]byte("image 2")))
+	rec, err := s.Store.Get("vm1")
+	require.NoError(t, err)
+	assert.Equal(t, uint64(2), rec.Generation)
+	assert.NotContains(t, string(rec.Sealed), "image")
+	require.NoError(t, s.Close())
+
+	s = open(t, dir, key, "vm1")
+	defer s.Close()
+	image, err := s.Load()
+	require.NoError(t, err)
+	assert.Equal(t, "image 2", string(image))
+	require.NoError(t, s.Save([]byte("image 3")))
+	rec, err = s.Store.Get("vm1")
+	require.NoError(t, err)
+	assert.Equal(t, uint64(3), rec.Generation, "generations go on after a restart")
+}
+
+func TestBinding(t *testing.T) {
+	root := t.TempDir()
+	dir, key := filepath.Join(root, "vm1"), filepath.Join(root, "host.key")
+	s := open(t, dir, key, "vm1")
+	require.NoError(t, s.Save([]byte("image")))
+	old, err := s.Store.Get("vm1")
+	require.NoError(t, err)
+	require.NoError(t, s.Save([]byte("newer")))
+
+	// The record moved under another VM's name.
+	moved := *old
+	moved.VMID = "vm2"
+	require.NoError(t, s.Store.Put(&moved))
+	other := &Sealed{Store: s.Store, Key: s.Key, VMID: "vm2"}
+	_, err = other.Load()
+	assert.ErrorIs(t, err, sealing.ErrAuth, "vm1's record opened as vm2's")
+
+	// An older generation put back in place, seen by a running TPM.
+	_, err = s.Load()
+	require.NoError(t, err)
+	require.NoError(t, s.Store.Put(old))
+	_, err = s.Load()
+	assert.ErrorContains(t, err, "generation 1 is older than 2")
+	require.NoError(t, s.Close())
+
+	// The whole store opened as another VM's.
+	s2 := open(t, dir, key, "vm3")
+	defer s2.Close()
+	_, err = s2.Load()
+	assert.ErrorContains(t, err, `not of VM "vm3": refusing to make a new TPM over it`)
+	assert.ErrorContains(t, s2.Save([]byte("x")), "not overwriting the stored state", "nor is a second VM's state added")
+}
+
+func TestWrongHostKey(t *testing.T) {
+	root := t.TempDir()
+	dir := filepath.Join(root, "vm1")
+	s := open(t, dir, filepath.Join(root, "host.key"), "vm1")
+	require.NoError(t, s.Save([]byte("image")))
+	require.NoError(t, s.Close())
+	s = open(t, dir, filepath.Join(root, "other-host.key"), "vm1")
+	defer s.Close()
+	_, err := s.Load()
+	assert.ErrorIs(t, err, sealing.ErrWrongKey)
+	assert.ErrorContains(t, err, `state of VM "vm1" (generation 1) does not open`)
+}
