@@ -66,7 +66,7 @@ bench: build
 .PHONY: bench-full
 bench-full: build
 	$(GO) build -o bin/vtpmbench ./bench/cmd/vtpmbench
-	./bin/vtpmbench -vtpmd bin/vtpmd
+	./bin/vtpmbench -vtpmd bin/vtpmd -vms 1,4,16,64,256 -ops all -duration 2s -rounds 2
 
 # Every fuzz target in fuzz/ for FUZZTIME each, one at a time (go test takes
 # one -fuzz target per run). Plain `go test ./...` runs their seed corpora.

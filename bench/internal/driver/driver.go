@@ -119,7 +119,10 @@ func Run(ctx context.Context, cfg Config) (*report.Report, error) {
 		r.rep.Ops = append(r.rep.Ops, report.Op{Name: op.Name, Title: op.Title})
 	}
 	for _, d := range cfg.Daemons {
-		r.kinds = append(r.kinds, fleet.Daemon(d.Name, d.Path, d.Env))
+		// vtpmd seals state under a host key, kept in the run's directory
+		// rather than the system's; swtpm ignores the variable.
+		env := append([]string{"VTPMD_HOST_KEY=" + filepath.Join(base, "host.key")}, d.Env...)
+		r.kinds = append(r.kinds, fleet.Daemon(d.Name, d.Path, env))
 		r.rep.Daemons = append(r.rep.Daemons, d.Name)
 	}
 	defer func() {
@@ -139,7 +142,7 @@ func Run(ctx context.Context, cfg Config) (*report.Report, error) {
 
 func (r *run) all(ctx context.Context) error {
 	if r.cfg.Engine {
-		for _, store := range []string{"memory", "file"} {
+		for _, store := range []string{storeMemory, storeFile, storeVtpmd} {
 			cells, err := engineFloor(ctx, r.cfg.Ops, store, filepath.Join(r.base, "engine-"+store), r.cfg.EngineDuration, r.cfg.Progress)
 			r.rep.Engine = append(r.rep.Engine, cells...)
 			if ctx.Err() != nil {

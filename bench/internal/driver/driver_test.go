@@ -79,7 +79,7 @@ func TestDriverAgainstVtpmd(t *testing.T) {
 		assert.True(t, c.P50 > 0 && c.P50 <= c.P99 && c.P99 <= c.Max, "%s: p50 %v p99 %v max %v", op.Name, c.P50, c.P99, c.Max)
 		assert.GreaterOrEqual(t, c.CPUPer1000, 0.0, op.Name)
 
-		for _, store := range []string{"memory", "file"} {
+		for _, store := range []string{"memory", "file", "vtpmd"} {
 			e, ok := rep.EngineCell(op.Name, store)
 			require.True(t, ok, "engine %s %s", store, op.Name)
 			assert.Empty(t, e.Error, "engine %s %s", store, op.Name)

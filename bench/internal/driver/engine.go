@@ -13,6 +13,8 @@ import (
 
 	"github.com/vtpmd/vtpmd/bench/internal/report"
 	"github.com/vtpmd/vtpmd/bench/internal/workload"
+	"github.com/vtpmd/vtpmd/internal/vmstate"
+	"github.com/vtpmd/vtpmd/sealing"
 	"github.com/vtpmd/vtpmd/vtpm"
 )
 
@@ -83,14 +85,40 @@ func (f fileStore) Save(img []byte) error {
 // startupClear is TPM2_Startup(SU_CLEAR).
 var startupClear = []byte{0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x44, 0, 0}
 
-// engineFloor times each operation on the engine in this process, with a
-// durable file store in dir ("file") or none ("memory"). The engine is one
-// per process: it is opened here and closed before returning.
-func engineFloor(ctx context.Context, ops []workload.Op, storeName, dir string, d time.Duration, progress func(string)) ([]report.EngineCell, error) {
-	var store vtpm.Store = &memStore{}
-	if storeName == "file" {
-		store = fileStore{dir: dir}
+// Engine-floor stores.
+const (
+	storeMemory = "memory" // nothing kept
+	storeFile   = "file"   // fileStore
+	storeVtpmd  = "vtpmd"  // vtpmd's own: sealed records in a state store
+)
+
+// openStore opens the named store in dir.
+func openStore(ctx context.Context, name, dir string) (vtpm.Store, func(), error) {
+	switch name {
+	case storeFile:
+		return fileStore{dir: dir}, func() {}, nil
+	case storeVtpmd:
+		// As `vtpmd socket` keeps a VM's state: sealed under a key
+		// derived from a host key, the VM named by its state directory.
+		keys := &sealing.HostKey{Path: dir + ".host.key"}
+		s, err := vmstate.Open(ctx, dir, keys, dir)
+		if err != nil {
+			return nil, nil, err
+		}
+		return s, func() { s.Close() }, nil
 	}
+	return &memStore{}, func() {}, nil
+}
+
+// engineFloor times each operation on the engine in this process with the
+// named store in dir. The engine is one per process: it is opened here and
+// closed before returning.
+func engineFloor(ctx context.Context, ops []workload.Op, storeName, dir string, d time.Duration, progress func(string)) ([]report.EngineCell, error) {
+	store, closeStore, err := openStore(ctx, storeName, dir)
+	if err != nil {
+		return nil, err
+	}
+	defer closeStore()
 	dev, err := vtpm.Open(vtpm.Config{Store: store})
 	if err != nil {
 		return nil, err

@@ -96,8 +96,8 @@ type Cell struct {
 // EngineCell is the engine's in-process time for one operation.
 type EngineCell struct {
 	Op string
-	// Store is "memory" (no persistence) or "file" (an atomic, fsynced
-	// file per change).
+	// Store is "memory" (no persistence), "file" (an atomic, fsynced file
+	// per change) or "vtpmd" (vtpmd's own store).
 	Store string
 	Ops   int64
 	Mean  time.Duration
