@@ -89,3 +89,23 @@ func TestWrongHostKey(t *testing.T) {
 	assert.ErrorIs(t, err, sealing.ErrWrongKey)
 	assert.ErrorContains(t, err, `state of VM "vm1" (generation 1) does not open`)
 }
+
+// A corrupted record is refused with the VM and the reason, and kept.
+func TestCorruptRecord(t *testing.T) {
+	root := t.TempDir()
+	s := open(t, filepath.Join(root, "vm1"), filepath.Join(root, "host.key"), "vm1")
+	defer s.Close()
+	require.NoError(t, s.Save([]byte("image")))
+	rec, err := s.Store.Get("vm1")
+	require.NoError(t, err)
+	rec.Sealed[len(rec.Sealed)-1] ^= 1
+	require.NoError(t, s.Store.Put(rec))
+
+	fresh := &Sealed{Store: s.Store, Key: s.Key, VMID: "vm1", SoleVM: true}
+	_, err = fresh.Load()
+	assert.ErrorIs(t, err, sealing.ErrAuth)
+	assert.ErrorContains(t, err, `state of VM "vm1" (generation 1) does not open`)
+	kept, err := s.Store.Get("vm1")
+	require.NoError(t, err)
+	assert.Equal(t, rec, kept)
+}
