@@ -187,7 +187,8 @@ func TestQEMUMigration(t *testing.T) {
 	dB := dst.startDaemon(t)
 	vmB := dst.startQEMU(t)
 	waitForPath(t, vmB, migrateSock)
-	t.Logf("destination state dir before migration: %v", stateFiles(t, dst))
+	storedBefore, digestBefore := stateFiles(t, dst)
+	t.Logf("destination state dir before migration: %v", storedBefore)
 
 	start := time.Now()
 	vmA.monitor(t, "migrate -d unix:"+migrateSock)
@@ -215,10 +216,12 @@ func TestQEMUMigration(t *testing.T) {
 		before.clock.reset, before.clock.restart, after.clock.reset, after.clock.restart)
 	assert.Equal(t, before.clock.reset, after.clock.reset, "resetCount changed by the migration: the TPM was reset")
 
-	// The destination daemon stored the transferred state.
-	stored := stateFiles(t, dst)
+	// The destination daemon stored the transferred state (the daemon may
+	// have created its store at start, so the directory must have changed).
+	stored, digest := stateFiles(t, dst)
 	t.Logf("destination state dir after migration: %v", stored)
 	assert.NotEmpty(t, stored, "no TPM state stored in the destination's state dir after the migration")
+	assert.NotEqual(t, digestBefore, digest, "the destination's state dir did not change with the migration")
 
 	vmB.console(t, "poweroff")
 	vmB.waitExit(t, exitTimeout)
@@ -352,18 +355,24 @@ func waitMigration(t *testing.T, vm *qemuVM) {
 }
 
 // stateFiles lists the non-empty regular files in a machine's state
-// directory, as name:size.
-func stateFiles(t *testing.T, g *guestMachine) []string {
+// directory, as name:size, and returns a digest of their names and contents.
+func stateFiles(t *testing.T, g *guestMachine) ([]string, string) {
 	t.Helper()
-	entries, err := os.ReadDir(filepath.Join(g.dir, "state"))
+	dir := filepath.Join(g.dir, "state")
+	entries, err := os.ReadDir(dir)
 	require.NoError(t, err)
 	var files []string
+	h := sha256.New()
 	for _, e := range entries {
 		info, err := e.Info()
 		if err != nil || !info.Mode().IsRegular() || info.Size() == 0 || e.Name() == ".lock" {
 			continue
 		}
 		files = append(files, fmt.Sprintf("%s:%d", e.Name(), info.Size()))
+		data, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		require.NoError(t, err)
+		fmt.Fprintf(h, "%s\x00%d\x00", e.Name(), len(data))
+		h.Write(data)
 	}
-	return files
+	return files, hex.EncodeToString(h.Sum(nil))
 }
