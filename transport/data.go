@@ -19,6 +19,7 @@ const (
 	sendCommandHeader = 8
 	framedHeaderSize  = 9
 	rcCommandSize     = 0x142
+	rcFailure         = 0x101
 	// drainTimeout bounds the wait for the rest of an oversized command.
 	drainTimeout = 200 * time.Millisecond
 )
@@ -121,7 +122,12 @@ func (s *Server) serveDataConn(ctx context.Context, c net.Conn) {
 			_ = s.TPM.SetLocality(dc.Locality)
 		}
 		resp := vtpm.ErrorResponse(rcCommandSize)
-		if dc.Command != nil {
+		switch err := s.lockStorage(); {
+		case err != nil:
+			// The state cannot be stored: no command may run.
+			s.Log.Error("TPM command refused: no storage lock", "err", err)
+			resp = vtpm.ErrorResponse(rcFailure)
+		case dc.Command != nil:
 			resp = s.TPM.Execute(ctx, dc.Command)
 		}
 		if _, err := c.Write(dc.Marshal(resp)); err != nil {

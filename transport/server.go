@@ -19,6 +19,7 @@ import (
 // TPM is the device a Server serves. *vtpm.Device implements it.
 type TPM interface {
 	Init(deleteVolatile bool) error
+	Running() bool
 	Stop() error
 	Execute(ctx context.Context, cmd []byte) []byte
 	SetLocality(l uint8) error
@@ -35,8 +36,17 @@ type TPM interface {
 	SetState(part vtpm.StatePart, image []byte) error
 }
 
-// Capabilities is what CMD_GET_CAPABILITY reports: every command the Server
-// implements.
+// Storage is the lock on a TPM's state storage, for CMD_LOCK_STORAGE and
+// for handing the state over in a migration on shared storage.
+type Storage interface {
+	// Lock takes the lock, trying again every 10 ms up to retries times.
+	Lock(retries int) error
+	// Unlock releases the lock.
+	Unlock() error
+}
+
+// Capabilities is what CMD_GET_CAPABILITY reports without a Storage: every
+// command the Server implements but CMD_LOCK_STORAGE.
 const Capabilities = CapInit | CapShutdown | CapGetTPMEstablished | CapSetLocality | CapHashing |
 	CapCancelTPMCmd | CapStoreVolatile | CapResetTPMEstablished | CapGetStateBlob | CapSetStateBlob |
 	CapStop | CapGetConfig | CapSetDataFD | CapSetBufferSize | CapGetInfo | CapSendCommandHeader
@@ -66,6 +76,12 @@ type Server struct {
 	Disconnect bool
 	// ConfigFlags is the reply to CMD_GET_CONFIG.
 	ConfigFlags uint32
+	// Storage, if set, is taken before each TPM command and state blob,
+	// and serves CMD_LOCK_STORAGE.
+	Storage Storage
+	// ReleaseLockOutgoing releases Storage once an outgoing migration has
+	// read the last state blob (--migration release-lock-outgoing).
+	ReleaseLockOutgoing bool
 
 	hasData  atomic.Bool
 	doneOnce sync.Once
@@ -190,15 +206,23 @@ func (s *Server) handle(ctx context.Context, r *ctrlReader, msg []byte, fds []in
 		return nil, nil
 	case errors.As(err, &code):
 		// A rejected SET_STATEBLOB still announced its data: skip it, or
-		// it would be read as requests.
+		// it would be read as requests. A running TPM is refused first,
+		// as swtpm does.
 		if setBlobCode(msg) {
 			r.discardBlob(msg)
+			if s.TPM.Running() {
+				code = ResultBadOrdinal
+			}
 		}
 		return ResultReply{Result: code}, nil
 	}
 	switch req := req.(type) {
 	case GetCapabilityRequest:
-		return GetCapabilityReply{Caps: Capabilities}, nil
+		caps := Capabilities
+		if s.Storage != nil {
+			caps |= CapLockStorage
+		}
+		return GetCapabilityReply{Caps: caps}, nil
 	case InitRequest:
 		return s.result(s.TPM.Init(req.Flags&InitFlagDeleteVolatile != 0)), nil
 	case ShutdownRequest:
@@ -240,16 +264,39 @@ func (s *Server) handle(ctx context.Context, r *ctrlReader, msg []byte, fds []in
 		}
 		return GetInfoReply{Total: uint32(len(info)), Data: []byte(info[req.Offset:][:min(len(info)-int(req.Offset), 3072)])}, nil
 	case GetStateBlobRequest:
-		return s.getStateBlob(req), nil
+		reply := s.getStateBlob(req)
+		if BlobType(req.Type) == BlobSavestate && s.ReleaseLockOutgoing && s.Storage != nil {
+			// The savestate blob is the last of an outgoing migration.
+			return reply, func() {
+				if err := s.Storage.Unlock(); err != nil {
+					s.Log.Warn("release the storage lock", "err", err)
+				}
+			}
+		}
+		return reply, nil
 	case SetStateBlobRequest:
 		return s.result(s.setStateBlob(r, req)), nil
 	case SetDataFDRequest:
 		return s.setDataFD(ctx, fds), nil
 	case LockStorageRequest:
-		// Not advertised: the storage lock is held for the process's life.
-		return ResultReply{Result: ResultBadOrdinal}, nil
+		if s.Storage == nil {
+			return ResultReply{Result: ResultBadOrdinal}, nil
+		}
+		if err := s.Storage.Lock(int(req.Retries)); err != nil {
+			s.Log.Warn("CMD_LOCK_STORAGE failed", "err", err)
+			return ResultReply{Result: ResultFail}, nil
+		}
+		return ResultReply{Result: ResultSuccess}, nil
 	}
 	return ResultReply{Result: ResultBadOrdinal}, nil
+}
+
+// lockStorage takes the storage lock if there is one and it is not held.
+func (s *Server) lockStorage() error {
+	if s.Storage == nil {
+		return nil
+	}
+	return s.Storage.Lock(0)
 }
 
 func setBlobCode(msg []byte) bool {
@@ -302,6 +349,13 @@ func (s *Server) setStateBlob(r *ctrlReader, req SetStateBlobRequest) error {
 	blob, err := r.readBlob(req)
 	if err != nil {
 		return err
+	}
+	if s.TPM.Running() {
+		// Refused before the blob is looked at, as swtpm does.
+		return fmt.Errorf("set state blob: %w", vtpm.ErrRunning)
+	}
+	if err := s.lockStorage(); err != nil {
+		return fmt.Errorf("set state blob: %v: %w", err, ResultIOError)
 	}
 	if BlobType(req.Type) == BlobSavestate {
 		if len(blob) == 0 {

@@ -62,12 +62,12 @@ func serveSocket(c *socketConfig, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	vmState, err := vmstate.Open(ctx, c.stateDir, keys, c.vmID())
+	vmState, err := vmstate.OpenLockable(ctx, c.stateDir, keys, c.vmID(), !c.incoming)
 	if err != nil {
 		return err
 	}
-	defer vmState.Close()
-	log.Info("state is encrypted", "protection", keys.Protection(), "key", vmState.Key)
+	defer vmState.Unlock()
+	log.Info("state is encrypted", "protection", keys.Protection(), "key", vmState.Key())
 	dev, err := vtpm.Open(vtpm.Config{
 		Store:               vmState,
 		Logger:              log,
@@ -103,6 +103,9 @@ func serveSocket(c *socketConfig, log *slog.Logger) error {
 		Terminate:     c.terminate,
 		CtrlTerminate: c.ctrl != nil && c.ctrl.terminate,
 		Disconnect:    c.server != nil && c.server.disconnect,
+		Storage:       vmState,
+
+		ReleaseLockOutgoing: c.releaseLockOutgoing,
 	}
 	if c.key != "" {
 		srv.ConfigFlags |= transport.ConfigFlagFileKey
@@ -348,7 +351,7 @@ func printCapabilities(w io.Writer) error {
 	}
 	features := []string{
 		"tpm-2.0", "tpm-send-command-header", "flags-opt-startup", "flags-opt-disable-auto-shutdown",
-		"ctrl-opt-terminate", "cmdarg-print-states", "nvram-backend-dir", "tpmstate-opt-lock",
+		"ctrl-opt-terminate", "cmdarg-key-fd", "cmdarg-print-states", "cmdarg-migration", "nvram-backend-dir", "tpmstate-opt-lock",
 		"tpmstate-dir-backend-opt-fsync",
 	}
 	for _, bits := range info.RSAKeySizes {

@@ -34,6 +34,12 @@ type socketConfig struct {
 	stateDir string
 	key      string // --key's value, read when serving
 
+	// --migration: incoming defers the storage lock until the state is
+	// set or first used; releaseLockOutgoing drops it once the outgoing
+	// migration has read the state.
+	incoming            bool
+	releaseLockOutgoing bool
+
 	ctrl   *endpoint
 	server *endpoint
 
@@ -91,7 +97,6 @@ func parseSocketConfig(args []string) (*socketConfig, error) {
 	}
 	for _, refused := range []struct{ name, value, why string }{
 		{"--migration-key", migrationKey, "migration keys are not supported yet"},
-		{"--migration", migration, "storage lock hand-over for migration is not supported yet"},
 		{"--runas", runas, "run vtpmd as the target user instead"},
 		{"--chroot", chroot, "chroot is not supported"},
 		{"--seccomp", seccomp, "seccomp profiles are not supported yet"},
@@ -145,6 +150,14 @@ func parseSocketConfig(args []string) (*socketConfig, error) {
 	}
 	if err := c.parseFlags(flags); err != nil {
 		return nil, err
+	}
+	if migration != "" {
+		v, err := options.Parse("--migration", migration, "incoming", "release-lock-outgoing")
+		if err != nil {
+			return nil, err
+		}
+		c.incoming = v.Bool("incoming", false)
+		c.releaseLockOutgoing = v.Bool("release-lock-outgoing", false)
 	}
 	if locality != "" {
 		v, err := options.Parse("--locality", locality, "reject-locality-4", "allow-set-locality")

@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/vtpmd/vtpmd/sealing"
@@ -110,3 +111,90 @@ func Open(ctx context.Context, dir string, keys sealing.KeySource, vmID string) 
 
 // Close closes the store.
 func (s *Sealed) Close() error { return s.Store.Close() }
+
+// Lockable is one VM's sealed state in a store of its own (socket mode),
+// held open only while it holds the storage lock, as swtpm holds its .lock:
+// a migration on shared storage hands the lock to the destination. Loading
+// or saving takes the lock if it is not held.
+type Lockable struct {
+	mu     sync.Mutex
+	sealed Sealed // its Store is nil while the lock is not held
+	dir    string
+}
+
+// lockRetryInterval is the pause between attempts to take the lock.
+const lockRetryInterval = 10 * time.Millisecond
+
+// OpenLockable prepares the VM's state in dir, taking the storage lock now
+// if lock is set (else at first use, as for an incoming migration).
+func OpenLockable(ctx context.Context, dir string, keys sealing.KeySource, vmID string, lock bool) (*Lockable, error) {
+	key, err := keys.StateKey(ctx, vmID)
+	if err != nil {
+		return nil, err
+	}
+	l := &Lockable{sealed: Sealed{Key: key, VMID: vmID, SoleVM: true}, dir: dir}
+	if lock {
+		if err := l.Lock(0); err != nil {
+			return nil, err
+		}
+	}
+	return l, nil
+}
+
+// Key is the VM's state key.
+func (l *Lockable) Key() *sealing.Key { return l.sealed.Key }
+
+// Lock takes the storage lock, trying again every 10 ms up to retries times
+// while another process holds it. Holding it already is success.
+func (l *Lockable) Lock(retries int) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.lockLocked(retries)
+}
+
+func (l *Lockable) lockLocked(retries int) error {
+	for attempt := 0; l.sealed.Store == nil; attempt++ {
+		store, err := state.Open(l.dir, state.Options{})
+		if err == nil {
+			l.sealed.Store = store
+			break
+		}
+		if !errors.Is(err, state.ErrLocked) || attempt >= retries {
+			return fmt.Errorf("take the storage lock of VM %q: %w", l.sealed.VMID, err)
+		}
+		time.Sleep(lockRetryInterval)
+	}
+	return nil
+}
+
+// Unlock releases the storage lock if it is held.
+func (l *Lockable) Unlock() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.sealed.Store == nil {
+		return nil
+	}
+	err := l.sealed.Store.Close()
+	l.sealed.Store = nil
+	return err
+}
+
+// Load implements vtpm.Store, taking the lock first.
+func (l *Lockable) Load() ([]byte, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if err := l.lockLocked(0); err != nil {
+		return nil, err
+	}
+	return l.sealed.Load()
+}
+
+// Save implements vtpm.Store, taking the lock first.
+func (l *Lockable) Save(image []byte) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if err := l.lockLocked(0); err != nil {
+		return err
+	}
+	return l.sealed.Save(image)
+}
