@@ -89,3 +89,6 @@ func blobEdgeSeeds() []seed {
 		{"other-tags-first", []any{hexBytes("02 01 000a 0000 0000001a 0003 00000002 0000 0001 00000002 abcd")}},
 	}
 }
+
+// aliases reports whether a non-empty part lies inside whole's memory.
+func aliases(part, whole []byte) bool { return len(part) > 0 && within(part, whole) }

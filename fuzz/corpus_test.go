@@ -38,6 +38,8 @@ func handSeeds() map[string][]seed {
 		"FuzzParseImage":      imageEdgeSeeds(),
 		"FuzzOptions":         optionsEdgeSeeds(),
 		"FuzzServer":          serverEdgeSeeds(),
+		"FuzzSealedEnvelope":  sealingEdgeSeeds(),
+		"FuzzParseRecord":     recordEdgeSeeds(),
 	}
 }
 

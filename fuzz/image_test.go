@@ -50,7 +50,7 @@ func checkImage(t *testing.T, b []byte) {
 		}
 		return
 	}
-	if within(img.NV, b) {
+	if aliases(img.NV, b) {
 		t.Fatal("the parsed NV aliases the input")
 	}
 	out, err := img.MarshalBinary()

@@ -555,11 +555,12 @@ func (s *session) ctrlOp(op byte, msg []byte) {
 		return
 	}
 	req, derr := transport.DecodeRequest(first)
+	running := s.h.dev.Running()
 	var rest int64 // bytes the server reads after the request
 	switch r := req.(type) {
 	case transport.HashDataRequest:
 		// The hash data are read only while the TPM runs.
-		if s.h.dev.Running() {
+		if running {
 			rest = int64(r.Length) - int64(len(r.Data))
 		}
 	case transport.SetStateBlobRequest:
@@ -584,7 +585,13 @@ func (s *session) ctrlOp(op byte, msg []byte) {
 
 	reply := s.readCtrlReply(conn, code, first)
 	var refused transport.Result
-	if errors.As(derr, &refused) && !bytes.Equal(reply, transport.ResultReply{Result: refused}.Marshal()) {
+	switch {
+	case code == transport.CmdSetStateBlob && running:
+		// Refused for the running TPM first, whatever the blob (spec §1.5.10).
+		if !bytes.Equal(reply, transport.ResultReply{Result: transport.ResultBadOrdinal}.Marshal()) {
+			t.Fatalf("SET_STATEBLOB %x while running: reply %x", head(first), reply)
+		}
+	case errors.As(derr, &refused) && !bytes.Equal(reply, transport.ResultReply{Result: refused}.Marshal()):
 		t.Fatalf("request %x refused with %#x, reply %x", head(first), uint32(refused), reply)
 	}
 	result := transport.Result(binary.BigEndian.Uint32(reply))
@@ -603,7 +610,8 @@ func (s *session) ctrlOp(op byte, msg []byte) {
 			s.data = candidate
 		}
 	case transport.GetStateBlobRequest:
-		if result == transport.ResultSuccess && len(reply) > 16 {
+		// The whole blob, to replay; a part of it from an offset is not one.
+		if result == transport.ResultSuccess && len(reply) > 16 && r.Offset == 0 {
 			s.lastBlob, s.lastBlobType = append([]byte(nil), reply[16:]...), r.Type
 		}
 	case transport.SetStateBlobRequest:

@@ -72,6 +72,9 @@ func ParseRecord(b []byte) (*Record, error) {
 		return nil, fmt.Errorf("%w: truncated at %d bytes", ErrCorrupt, len(b))
 	case len(d.b) != 0:
 		return nil, fmt.Errorf("%w: %d bytes after the end", ErrCorrupt, len(d.b))
+	case len(r.VMID) > maxRecordText || len(r.Engine) > maxRecordText:
+		// MarshalBinary never writes these, and could not write it back.
+		return nil, fmt.Errorf("%w: VM id or engine longer than %d bytes", ErrCorrupt, maxRecordText)
 	}
 	return r, nil
 }
