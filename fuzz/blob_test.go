@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"testing"
 	"unsafe"
 
@@ -22,17 +23,21 @@ func FuzzStateBlob(f *testing.F) {
 			f.Add(x.reply[16:])
 		}
 	}
-	big := transport.WrapStateBlob(make([]byte, transport.MaxStateBlob+1-32))
+	big, err := transport.WrapStateBlob(make([]byte, transport.MaxStateBlob+1-32), transport.BlobKeys{})
+	if err != nil {
+		f.Fatal(err)
+	}
 	f.Add(big)
 	f.Fuzz(func(t *testing.T, b []byte) {
-		image, err := transport.UnwrapStateBlob(b)
+		image, err := transport.UnwrapStateBlob(b, blobKeys, false)
 		if err != nil {
 			var code transport.Result
 			if !errors.As(err, &code) {
 				t.Fatalf("error without a result code: %v", err)
 			}
 			switch code {
-			case transport.ResultBadDataSize, transport.ResultBadVersion, transport.ResultKeyNotFound:
+			case transport.ResultBadDataSize, transport.ResultBadVersion, transport.ResultKeyNotFound,
+				transport.ResultDecryptError, transport.ResultBadKeyProperty:
 			default:
 				t.Fatalf("result %#x: %v", uint32(code), err)
 			}
@@ -40,19 +45,17 @@ func FuzzStateBlob(f *testing.F) {
 			if !within(image, b) {
 				t.Fatalf("the %d-byte image is not part of the %d-byte blob", len(image), len(b))
 			}
-			again, err := transport.UnwrapStateBlob(transport.WrapStateBlob(image))
+			again, err := wrapUnwrap(image, blobKeys)
 			if err != nil || !bytes.Equal(again, image) {
 				t.Fatalf("re-wrapped image: %x, %v", again, err)
 			}
 		}
-		// Any bytes are an image to wrap.
-		wrapped := transport.WrapStateBlob(b)
-		if got := binary.BigEndian.Uint32(wrapped[6:]); int(got) != len(wrapped) {
-			t.Fatalf("wrapped blob of %d bytes says %d", len(wrapped), got)
-		}
-		got, err := transport.UnwrapStateBlob(wrapped)
-		if err != nil || !bytes.Equal(got, b) {
-			t.Fatalf("unwrap(wrap(%x)) = %x, %v", b, got, err)
+		// Any bytes are an image to wrap, with or without a migration key.
+		for _, keys := range []transport.BlobKeys{{}, blobKeys} {
+			got, err := wrapUnwrap(b, keys)
+			if err != nil || !bytes.Equal(got, b) {
+				t.Fatalf("unwrap(wrap(%x)) = %x, %v", b, got, err)
+			}
 		}
 	})
 }
@@ -92,3 +95,19 @@ func blobEdgeSeeds() []seed {
 
 // aliases reports whether a non-empty part lies inside whole's memory.
 func aliases(part, whole []byte) bool { return len(part) > 0 && within(part, whole) }
+
+// blobKeys is the migration key the target opens blobs with.
+var blobKeys = transport.BlobKeys{Migration: bytes.Repeat([]byte{0x42}, 32)}
+
+// wrapUnwrap wraps image and unwraps it again, checking the total length
+// the header records.
+func wrapUnwrap(image []byte, keys transport.BlobKeys) ([]byte, error) {
+	wrapped, err := transport.WrapStateBlob(image, keys)
+	if err != nil {
+		return nil, err
+	}
+	if got := binary.BigEndian.Uint32(wrapped[6:]); int(got) != len(wrapped) {
+		return nil, fmt.Errorf("wrapped blob of %d bytes says %d", len(wrapped), got)
+	}
+	return transport.UnwrapStateBlob(wrapped, keys, false)
+}

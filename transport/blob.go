@@ -34,15 +34,35 @@ const (
 	ResultBadVersion  Result = 0x2e
 )
 
+// BlobKeys are the raw swtpm keys (16 or 32 bytes) that state blobs may be
+// encrypted with: --migration-key for the blob, --key for its inner data.
+type BlobKeys struct {
+	Migration []byte
+	State     []byte
+}
+
 // WrapStateBlob puts a state image into swtpm's migration envelope, as
 // CMD_GET_STATEBLOB returns it: header with MIGRATION_DATA set, then
-// TLV(MIGRATION_DATA, TLV(DATA, image)).
-func WrapStateBlob(image []byte) []byte {
+// TLV(MIGRATION_DATA, TLV(DATA, image)), or with a migration key the
+// encrypted TLV(DATA, image).
+func WrapStateBlob(image []byte, keys BlobKeys) ([]byte, error) {
 	inner := appendTLV(nil, tagData, image)
-	total := blobHeaderSize + tlvHeaderSize + len(inner)
-	b := []byte{blobVersion, blobMinVersion, 0, blobHeaderSize, 0, blobFlagMigData}
-	b = binary.BigEndian.AppendUint32(b, uint32(total))
-	return appendTLV(b, tagMigrationData, inner)
+	flags := uint16(blobFlagMigData)
+	payload := appendTLV(nil, tagMigrationData, inner)
+	if keys.Migration != nil {
+		var err error
+		if payload, err = encryptTLVs(keys.Migration, inner, tagEncryptedMigration, tagIVEncryptedMigation); err != nil {
+			return nil, err
+		}
+		flags |= blobFlagMigEnc
+		if len(keys.Migration) == 32 {
+			flags |= blobFlagMigration256
+		}
+	}
+	b := []byte{blobVersion, blobMinVersion, 0, blobHeaderSize}
+	b = binary.BigEndian.AppendUint16(b, flags)
+	b = binary.BigEndian.AppendUint32(b, uint32(blobHeaderSize+len(payload)))
+	return append(b, payload...), nil
 }
 
 func appendTLV(b []byte, tag uint16, v []byte) []byte {
@@ -52,10 +72,11 @@ func appendTLV(b []byte, tag uint16, v []byte) []byte {
 }
 
 // UnwrapStateBlob returns the state image inside a blob, with or without
-// the migration wrapping, as CMD_SET_STATEBLOB accepts it. Encrypted blobs
-// give ResultKeyNotFound: no state or migration key is configured. The
-// returned slice aliases b.
-func UnwrapStateBlob(b []byte) ([]byte, error) {
+// the migration wrapping, as CMD_SET_STATEBLOB accepts it, decrypting it
+// with the migration key and then the state key where its flags say so
+// (stateEncrypted is the request's PTM_STATE_FLAG_ENCRYPTED). A blob
+// encrypted with a key that is not configured gives ResultKeyNotFound.
+func UnwrapStateBlob(b []byte, keys BlobKeys, stateEncrypted bool) ([]byte, error) {
 	if len(b) < blobHeaderSize {
 		return nil, fmt.Errorf("state blob of %d bytes: %w", len(b), ResultBadDataSize)
 	}
@@ -66,15 +87,35 @@ func UnwrapStateBlob(b []byte) ([]byte, error) {
 		return nil, fmt.Errorf("state blob header version %d/%d, size %d: %w", b[0], minVersion, hdrSize, ResultBadVersion)
 	case int(total) != len(b):
 		return nil, fmt.Errorf("state blob says %d bytes, has %d: %w", total, len(b), ResultBadDataSize)
-	case flags&(blobFlagEncrypt|blobFlagMigEnc) != 0:
-		return nil, fmt.Errorf("state blob is encrypted (flags %#x): %w", flags, ResultKeyNotFound)
 	}
 	body := b[blobHeaderSize:]
-	if flags&blobFlagMigData != 0 {
-		var err error
+	var err error
+	switch {
+	case flags&blobFlagMigEnc != 0:
+		if keys.Migration == nil {
+			return nil, fmt.Errorf("state blob is encrypted with a migration key, and none is set: %w", ResultKeyNotFound)
+		}
+		if err := checkKeyLength(keys.Migration, flags, blobFlagMigration256); err != nil {
+			return nil, err
+		}
+		if body, err = decryptTLVs(keys.Migration, body, tagEncryptedMigration, tagIVEncryptedMigation); err != nil {
+			return nil, err
+		}
+	case flags&blobFlagMigData != 0:
 		if body, err = findTLV(body, tagMigrationData); err != nil {
 			return nil, err
 		}
+	}
+	if flags&blobFlagEncrypt != 0 || stateEncrypted {
+		if keys.State == nil {
+			return nil, fmt.Errorf("state blob is encrypted with a state key, and none is set: %w", ResultKeyNotFound)
+		}
+		if flags&blobFlagEncrypt != 0 {
+			if err := checkKeyLength(keys.State, flags, blobFlagState256); err != nil {
+				return nil, err
+			}
+		}
+		return decryptTLVs(keys.State, body, tagEncryptedData, tagIVEncryptedData)
 	}
 	return findTLV(body, tagData)
 }

@@ -1,6 +1,8 @@
 package transport
 
 import (
+	"bytes"
+	"encoding/binary"
 	"encoding/hex"
 	"testing"
 
@@ -117,17 +119,18 @@ func TestReplyCodec(t *testing.T) {
 
 func TestStateBlobEnvelope(t *testing.T) {
 	image := []byte("image")
-	blob := WrapStateBlob(image)
+	blob, err := WrapStateBlob(image, BlobKeys{})
+	require.NoError(t, err)
 	// header: version 2, min 1, size 10, flags MIGRATION_DATA, total length;
 	// then TLV(4, TLV(1, image)).
 	assert.Equal(t, "0201000a0004"+"0000001b"+"0004"+"0000000b"+"0001"+"00000005"+hex.EncodeToString(image), hex.EncodeToString(blob))
-	got, err := UnwrapStateBlob(blob)
+	got, err := UnwrapStateBlob(blob, BlobKeys{}, false)
 	require.NoError(t, err)
 	assert.Equal(t, image, got)
 
 	// Without the migration wrapping, as the state files hold it.
 	plain := unhex(t, "0201000a0000"+"00000015"+"0001"+"00000005"+hex.EncodeToString(image))
-	got, err = UnwrapStateBlob(plain)
+	got, err = UnwrapStateBlob(plain, BlobKeys{}, false)
 	require.NoError(t, err)
 	assert.Equal(t, image, got)
 
@@ -144,7 +147,51 @@ func TestStateBlobEnvelope(t *testing.T) {
 		{"TLV overrun", unhex(t, "0201000a0000"+"00000015"+"0001"+"00000009"+hex.EncodeToString(image)), ResultBadDataSize},
 		{"no data TLV", unhex(t, "0201000a0000"+"00000015"+"0002"+"00000005"+hex.EncodeToString(image)), ResultBadDataSize},
 	} {
-		_, err := UnwrapStateBlob(tc.blob)
+		_, err := UnwrapStateBlob(tc.blob, BlobKeys{}, false)
 		assert.ErrorIs(t, err, tc.want, tc.name)
 	}
+}
+
+func TestEncryptedStateBlob(t *testing.T) {
+	image := bytes.Repeat([]byte("image"), 100)
+	for _, keyLen := range []int{16, 32} {
+		key := bytes.Repeat([]byte{0x5a}, keyLen)
+		keys := BlobKeys{Migration: key}
+		blob, err := WrapStateBlob(image, keys)
+		require.NoError(t, err)
+		assert.NotContains(t, string(blob), "image", "no plaintext in the blob")
+		wantFlags := "0006" // MIGRATION_DATA | MIGRATION_ENCRYPTED
+		if keyLen == 32 {
+			wantFlags = "0016" // | MIGRATION_256BIT_KEY
+		}
+		assert.Equal(t, wantFlags, hex.EncodeToString(blob[4:6]))
+		got, err := UnwrapStateBlob(blob, keys, false)
+		require.NoError(t, err)
+		assert.Equal(t, image, got)
+
+		_, err = UnwrapStateBlob(blob, BlobKeys{}, false)
+		assert.ErrorIs(t, err, ResultKeyNotFound, "no migration key set")
+		wrong := bytes.Repeat([]byte{0xa5}, keyLen)
+		_, err = UnwrapStateBlob(blob, BlobKeys{Migration: wrong}, false)
+		assert.ErrorIs(t, err, ResultDecryptError, "another key")
+		_, err = UnwrapStateBlob(blob, BlobKeys{Migration: bytes.Repeat([]byte{0x5a}, 48-keyLen)}, false)
+		assert.ErrorIs(t, err, ResultBadKeyProperty, "a key of another length")
+		altered := append([]byte(nil), blob...)
+		altered[40] ^= 1
+		_, err = UnwrapStateBlob(altered, keys, false)
+		assert.ErrorIs(t, err, ResultDecryptError, "altered ciphertext")
+	}
+
+	// A blob whose data is encrypted with the state key (as swtpm sends
+	// it without PTM_STATE_FLAG_DECRYPTED), header flags ENCRYPTED|256BIT.
+	stateKey := bytes.Repeat([]byte{7}, 32)
+	inner, err := encryptTLVs(stateKey, image, tagEncryptedData, tagIVEncryptedData)
+	require.NoError(t, err)
+	blob := append([]byte{2, 1, 0, 10, 0, blobFlagEncrypt | blobFlagState256}, binary.BigEndian.AppendUint32(nil, uint32(10+len(inner)))...)
+	blob = append(blob, inner...)
+	got, err := UnwrapStateBlob(blob, BlobKeys{State: stateKey}, false)
+	require.NoError(t, err)
+	assert.Equal(t, image, got)
+	_, err = UnwrapStateBlob(blob, BlobKeys{}, false)
+	assert.ErrorIs(t, err, ResultKeyNotFound)
 }

@@ -74,8 +74,9 @@ type Server struct {
 	// Disconnect closes a data connection after each response
 	// (--server ...,disconnect).
 	Disconnect bool
-	// ConfigFlags is the reply to CMD_GET_CONFIG.
-	ConfigFlags uint32
+	// BlobKeys encrypt and decrypt state blobs as swtpm's --migration-key
+	// and --key do; CMD_GET_CONFIG reports which are set.
+	BlobKeys BlobKeys
 	// Storage, if set, is taken before each TPM command and state blob,
 	// and serves CMD_LOCK_STORAGE.
 	Storage Storage
@@ -250,7 +251,14 @@ func (s *Server) handle(ctx context.Context, r *ctrlReader, msg []byte, fds []in
 	case StoreVolatileRequest:
 		return s.result(s.TPM.StoreVolatile()), nil
 	case GetConfigRequest:
-		return GetConfigReply{Flags: s.ConfigFlags}, nil
+		var flags uint32
+		if s.BlobKeys.State != nil {
+			flags |= ConfigFlagFileKey
+		}
+		if s.BlobKeys.Migration != nil {
+			flags |= ConfigFlagMigrationKey
+		}
+		return GetConfigReply{Flags: flags}, nil
 	case SetBufferSizeRequest:
 		size, err := s.TPM.BufferSize(req.Size)
 		if err != nil {
@@ -290,6 +298,10 @@ func (s *Server) handle(ctx context.Context, r *ctrlReader, msg []byte, fds []in
 	}
 	return ResultReply{Result: ResultBadOrdinal}, nil
 }
+
+// stateFlagEncrypted is PTM_STATE_FLAG_ENCRYPTED of SET_STATEBLOB: the
+// blob's data is encrypted with the state key.
+const stateFlagEncrypted = 2
 
 // lockStorage takes the storage lock if there is one and it is not held.
 func (s *Server) lockStorage() error {
@@ -337,7 +349,11 @@ func (s *Server) getStateBlob(req GetStateBlobRequest) Reply {
 		// Not running: refused before the handler, with 4 bytes as swtpm.
 		return s.result(err)
 	}
-	blob := WrapStateBlob(image)
+	blob, err := WrapStateBlob(image, s.BlobKeys)
+	if err != nil {
+		s.Log.Error("wrap state blob", "err", err)
+		return GetStateBlobReply{Result: ResultFail}
+	}
 	if int(req.Offset) > len(blob) {
 		return GetStateBlobReply{Result: ResultBadParameter}
 	}
@@ -366,7 +382,7 @@ func (s *Server) setStateBlob(r *ctrlReader, req SetStateBlobRequest) error {
 	if len(blob) <= blobHeaderSize {
 		return s.TPM.SetState(vtpm.StatePart(req.Type), nil)
 	}
-	image, err := UnwrapStateBlob(blob)
+	image, err := UnwrapStateBlob(blob, s.BlobKeys, req.Flags&stateFlagEncrypted != 0)
 	if err != nil {
 		return err
 	}

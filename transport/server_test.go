@@ -148,7 +148,7 @@ func TestStateBlobs(t *testing.T) {
 	blob := reply.(GetStateBlobReply)
 	require.Equal(t, ResultSuccess, blob.Result)
 	require.Equal(t, int(blob.Total), len(blob.Data))
-	image, err := UnwrapStateBlob(blob.Data)
+	image, err := UnwrapStateBlob(blob.Data, BlobKeys{}, false)
 	require.NoError(t, err)
 	_, err = vtpm.ParseImage(image)
 	require.NoError(t, err)

@@ -57,7 +57,7 @@ func TestPrintCapabilities(t *testing.T) {
 		return
 	}
 	assert.Equal(t, `{ "type": "swtpm", "features": [ "tpm-2.0", "tpm-send-command-header", "flags-opt-startup", `+
-		`"flags-opt-disable-auto-shutdown", "ctrl-opt-terminate", "cmdarg-key-fd", "cmdarg-print-states", "cmdarg-migration", "nvram-backend-dir", `+
+		`"flags-opt-disable-auto-shutdown", "ctrl-opt-terminate", "cmdarg-key-fd", "cmdarg-pwd-fd", "cmdarg-print-states", "cmdarg-migration", "nvram-backend-dir", `+
 		`"tpmstate-opt-lock", "tpmstate-dir-backend-opt-fsync", "rsa-keysize-1024", "rsa-keysize-2048", `+
 		`"systemd-notify" ], "version": "0.1.0" }`+"\n", out)
 	// libvirt asks without --tpm2.

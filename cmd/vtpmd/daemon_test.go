@@ -68,10 +68,21 @@ type daemon struct {
 // ends.
 func startDaemon(t *testing.T, args []string, waitFor ...string) *daemon {
 	t.Helper()
+	return startDaemonFiles(t, args, nil, waitFor...)
+}
+
+// startDaemonFiles is startDaemon with extra descriptors, 3 and up, for the
+// daemon; it closes its copies of them once the daemon has started.
+func startDaemonFiles(t *testing.T, args []string, files []*os.File, waitFor ...string) *daemon {
+	t.Helper()
 	d := &daemon{cmd: exec.Command(daemonPath, args...), stderr: &bytes.Buffer{}, done: make(chan struct{})}
+	d.cmd.ExtraFiles = files
 	d.cmd.Stdout = d.stderr
 	d.cmd.Stderr = d.stderr
 	require.NoError(t, d.cmd.Start(), "start %s %s", daemonPath, strings.Join(args, " "))
+	for _, f := range files {
+		f.Close()
+	}
 	go func() { d.err = d.cmd.Wait(); close(d.done) }()
 	t.Cleanup(func() { d.stop(t) })
 	deadline := time.Now().Add(10 * time.Second)

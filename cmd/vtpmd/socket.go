@@ -58,7 +58,7 @@ func serveSocket(c *socketConfig, log *slog.Logger) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	defer stop()
 
-	keys, err := c.keySource()
+	keys, blobKeys, err := c.readKeys()
 	if err != nil {
 		return err
 	}
@@ -107,9 +107,7 @@ func serveSocket(c *socketConfig, log *slog.Logger) error {
 
 		ReleaseLockOutgoing: c.releaseLockOutgoing,
 	}
-	if c.key != "" {
-		srv.ConfigFlags |= transport.ConfigFlagFileKey
-	}
+	srv.BlobKeys = blobKeys
 	errs := make(chan error, 2)
 	for _, ch := range []struct {
 		e     *endpoint
@@ -160,9 +158,9 @@ func (c *socketConfig) inheritedFDs() []int {
 			fds = append(fds, fd)
 		}
 	}
-	if c.key != "" {
-		// The key's fd=/pwdfd= is read by the daemon, not by its parent.
-		if v, err := options.Parse("--key", c.key, "file", "fd", "pwdfile", "pwdfd", "format", "mode", "kdf", "remove"); err == nil {
+	for _, key := range []string{c.key, c.migrationKey} {
+		// The keys' fd=/pwdfd= are read by the daemon, not by its parent.
+		if v, err := options.Parse("--key", key, "file", "fd", "pwdfile", "pwdfd", "format", "mode", "kdf", "remove"); err == nil {
 			for _, name := range []string{"fd", "pwdfd"} {
 				if fd, err := v.Int(name, -1); err == nil && fd >= 0 {
 					fds = append(fds, fd)
@@ -351,7 +349,7 @@ func printCapabilities(w io.Writer) error {
 	}
 	features := []string{
 		"tpm-2.0", "tpm-send-command-header", "flags-opt-startup", "flags-opt-disable-auto-shutdown",
-		"ctrl-opt-terminate", "cmdarg-key-fd", "cmdarg-print-states", "cmdarg-migration", "nvram-backend-dir", "tpmstate-opt-lock",
+		"ctrl-opt-terminate", "cmdarg-key-fd", "cmdarg-pwd-fd", "cmdarg-print-states", "cmdarg-migration", "nvram-backend-dir", "tpmstate-opt-lock",
 		"tpmstate-dir-backend-opt-fsync",
 	}
 	for _, bits := range info.RSAKeySizes {
@@ -401,11 +399,27 @@ func printStates(w io.Writer, dir string) error {
 // place does not open there.
 func (c *socketConfig) vmID() string { return c.stateDir }
 
-// keySource is --key's key, or else the host-local key ($VTPMD_HOST_KEY,
-// or host.key in vtpmd's state root), which must lie outside the state dir.
-func (c *socketConfig) keySource() (sealing.KeySource, error) {
+// readKeys reads --key and --migration-key, once, since a descriptor can
+// be read only once. The state is sealed under --key's key, or else under
+// the host-local key ($VTPMD_HOST_KEY, or host.key in vtpmd's state root,
+// which must lie outside the state dir). Their raw keys also encrypt state
+// blobs as swtpm's do.
+func (c *socketConfig) readKeys() (sealing.KeySource, transport.BlobKeys, error) {
+	var blobKeys transport.BlobKeys
+	if c.migrationKey != "" {
+		key, err := sealing.ParseSwtpmKey("--migration-key", c.migrationKey)
+		if err != nil {
+			return nil, blobKeys, err
+		}
+		blobKeys.Migration = key.Raw
+	}
 	if c.key != "" {
-		return sealing.ParseSwtpmKey("--key", c.key)
+		key, err := sealing.ParseSwtpmKey("--key", c.key)
+		if err != nil {
+			return nil, blobKeys, err
+		}
+		blobKeys.State = key.Raw
+		return key, blobKeys, nil
 	}
 	path := os.Getenv("VTPMD_HOST_KEY")
 	if path == "" {
@@ -414,10 +428,10 @@ func (c *socketConfig) keySource() (sealing.KeySource, error) {
 	}
 	path, err := filepath.Abs(path)
 	if err != nil {
-		return nil, err
+		return nil, blobKeys, err
 	}
 	if rel, err := filepath.Rel(c.stateDir, path); err == nil && !strings.HasPrefix(rel, "..") {
-		return nil, fmt.Errorf("the host key %s lies inside the state dir %s: keep it elsewhere (VTPMD_HOST_KEY)", path, c.stateDir)
+		return nil, blobKeys, fmt.Errorf("the host key %s lies inside the state dir %s: keep it elsewhere (VTPMD_HOST_KEY)", path, c.stateDir)
 	}
-	return &sealing.HostKey{Path: path}, nil
+	return &sealing.HostKey{Path: path}, blobKeys, nil
 }

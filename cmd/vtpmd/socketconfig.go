@@ -30,9 +30,10 @@ type endpoint struct {
 
 // socketConfig is the command line of `vtpmd socket`, which is swtpm's.
 type socketConfig struct {
-	tpm2     bool
-	stateDir string
-	key      string // --key's value, read when serving
+	tpm2         bool
+	stateDir     string
+	key          string // --key's value, read when serving
+	migrationKey string // --migration-key's value, read when serving
 
 	// --migration: incoming defers the storage lock until the state is
 	// set or first used; releaseLockOutgoing drops it once the outgoing
@@ -67,7 +68,7 @@ type socketConfig struct {
 func parseSocketConfig(args []string) (*socketConfig, error) {
 	c := &socketConfig{logFD: -1, pidFD: -1}
 	var tpmstate, ctrl, server, logOpt, pid, flags, locality, port, fd string
-	var runas, chroot, migrationKey, migration, seccomp string
+	var runas, chroot, migration, seccomp string
 	specs := []flagSpec{
 		{long: "tpm2", set: setBool(&c.tpm2)},
 		{long: "tpmstate", takesValue: true, set: setString(&tpmstate)},
@@ -86,7 +87,7 @@ func parseSocketConfig(args []string) (*socketConfig, error) {
 		{long: "help", short: "h", set: setBool(&c.help)},
 		// Options swtpm has that vtpmd refuses with a clear reason.
 		{long: "key", takesValue: true, set: setString(&c.key)},
-		{long: "migration-key", takesValue: true, set: setString(&migrationKey)},
+		{long: "migration-key", takesValue: true, set: setString(&c.migrationKey)},
 		{long: "migration", takesValue: true, set: setString(&migration)},
 		{long: "runas", short: "r", takesValue: true, set: setString(&runas)},
 		{long: "chroot", short: "R", takesValue: true, set: setString(&chroot)},
@@ -96,7 +97,6 @@ func parseSocketConfig(args []string) (*socketConfig, error) {
 		return nil, err
 	}
 	for _, refused := range []struct{ name, value, why string }{
-		{"--migration-key", migrationKey, "migration keys are not supported yet"},
 		{"--runas", runas, "run vtpmd as the target user instead"},
 		{"--chroot", chroot, "chroot is not supported"},
 		{"--seccomp", seccomp, "seccomp profiles are not supported yet"},
