@@ -155,3 +155,35 @@ func snapshot(t *testing.T, dir string) map[string]string {
 	require.NotEmpty(t, out)
 	return out
 }
+
+// A backup of the state dir put back after newer writes is refused.
+func TestOldStatePutBack(t *testing.T) {
+	if testingPeer() {
+		t.Skip("swtpm does not detect an old state")
+	}
+	tt := startToolsTPM(t, "", "")
+	tt.run(t, "tpm2_nvdefine", "0x1500017", "-C", "o", "-s", "8", "-a", "ownerread|ownerwrite")
+	ioctlOK(t, tt.sock+".ctrl", "-s")
+	tt.waitExit(t, 5*time.Second)
+	backup := filepath.Join(sockDir(t), "backup")
+	copyDir(t, tt.stateDir, backup)
+
+	tt = startToolsTPM(t, tt.stateDir, "")
+	tt.write(t, "v", []byte("newvalue"))
+	tt.run(t, "tpm2_nvwrite", "0x1500017", "-C", "o", "-i", "v")
+	ioctlOK(t, tt.sock+".ctrl", "-s")
+	tt.waitExit(t, 5*time.Second)
+
+	entries, err := os.ReadDir(tt.stateDir)
+	require.NoError(t, err)
+	for _, e := range entries {
+		if e.Type().IsRegular() && e.Name() != "LOCK" {
+			require.NoError(t, os.Remove(filepath.Join(tt.stateDir, e.Name())))
+		}
+	}
+	copyDir(t, backup, tt.stateDir)
+	out, code := runDaemonCmd(t, "socket", "--tpm2", "--tpmstate", "dir="+tt.stateDir,
+		"--ctrl", "type=unixio,path="+filepath.Join(tt.stateDir, "x.ctrl"), "--flags", "not-need-init")
+	assert.NotEqual(t, 0, code)
+	assert.Contains(t, out, "the newest stored: an old state was put back")
+}

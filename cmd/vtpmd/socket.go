@@ -62,7 +62,12 @@ func serveSocket(c *socketConfig, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	vmState, err := vmstate.OpenLockable(ctx, c.stateDir, keys, c.vmID(), !c.incoming)
+	hostKey, err := hostKeyPath()
+	if err != nil {
+		return err
+	}
+	witness := &vmstate.Witness{Dir: filepath.Join(filepath.Dir(hostKey), "generations")}
+	vmState, err := vmstate.OpenLockable(ctx, c.stateDir, keys, c.vmID(), witness, !c.incoming)
 	if err != nil {
 		return err
 	}
@@ -399,6 +404,17 @@ func printStates(w io.Writer, dir string) error {
 // place does not open there.
 func (c *socketConfig) vmID() string { return c.stateDir }
 
+// hostKeyPath is where the host-local key lives: $VTPMD_HOST_KEY, or
+// host.key in vtpmd's state root. The generation witnesses live beside it.
+func hostKeyPath() (string, error) {
+	path := os.Getenv("VTPMD_HOST_KEY")
+	if path == "" {
+		root, _ := defaultDirs()
+		path = filepath.Join(root, "host.key")
+	}
+	return filepath.Abs(path)
+}
+
 // readKeys reads --key and --migration-key, once, since a descriptor can
 // be read only once. The state is sealed under --key's key, or else under
 // the host-local key ($VTPMD_HOST_KEY, or host.key in vtpmd's state root,
@@ -421,12 +437,7 @@ func (c *socketConfig) readKeys() (sealing.KeySource, transport.BlobKeys, error)
 		blobKeys.State = key.Raw
 		return key, blobKeys, nil
 	}
-	path := os.Getenv("VTPMD_HOST_KEY")
-	if path == "" {
-		root, _ := defaultDirs()
-		path = filepath.Join(root, "host.key")
-	}
-	path, err := filepath.Abs(path)
+	path, err := hostKeyPath()
 	if err != nil {
 		return nil, blobKeys, err
 	}

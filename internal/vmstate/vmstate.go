@@ -26,6 +26,8 @@ type Sealed struct {
 	// SoleVM says the store is this VM's alone (socket mode): a record of
 	// another VM in it is an error, never a reason to make a new TPM.
 	SoleVM bool
+	// Witness, if set, refuses records older than the newest stored.
+	Witness *Witness
 
 	// last is the record last loaded or stored.
 	last *state.Record
@@ -43,6 +45,16 @@ func (s *Sealed) Load() ([]byte, error) {
 		return nil, fmt.Errorf("the state stored for VM %q belongs to VM %q", s.VMID, rec.VMID)
 	case s.last != nil && rec.Generation < s.last.Generation:
 		return nil, fmt.Errorf("state of VM %q: generation %d is older than %d, already seen", s.VMID, rec.Generation, s.last.Generation)
+	}
+	if s.Witness != nil {
+		newest, err := s.Witness.Generation(s.VMID)
+		if err != nil {
+			return nil, err
+		}
+		if rec.Generation < newest {
+			return nil, fmt.Errorf("state of VM %q: generation %d is older than %d, the newest stored: an old state was put back (if on purpose, remove %s)",
+				s.VMID, rec.Generation, newest, s.Witness.Path(s.VMID))
+		}
 	}
 	image, err := sealing.Open(s.Key, s.VMID, sealing.KindTPMState, rec.Generation, rec.Sealed)
 	if err != nil {
@@ -92,6 +104,9 @@ func (s *Sealed) Save(image []byte) error {
 		return err
 	}
 	s.last = next
+	if s.Witness != nil {
+		return s.Witness.Record(s.VMID, next.Generation)
+	}
 	return nil
 }
 
@@ -127,12 +142,12 @@ const lockRetryInterval = 10 * time.Millisecond
 
 // OpenLockable prepares the VM's state in dir, taking the storage lock now
 // if lock is set (else at first use, as for an incoming migration).
-func OpenLockable(ctx context.Context, dir string, keys sealing.KeySource, vmID string, lock bool) (*Lockable, error) {
+func OpenLockable(ctx context.Context, dir string, keys sealing.KeySource, vmID string, witness *Witness, lock bool) (*Lockable, error) {
 	key, err := keys.StateKey(ctx, vmID)
 	if err != nil {
 		return nil, err
 	}
-	l := &Lockable{sealed: Sealed{Key: key, VMID: vmID, SoleVM: true}, dir: dir}
+	l := &Lockable{sealed: Sealed{Key: key, VMID: vmID, SoleVM: true, Witness: witness}, dir: dir}
 	if lock {
 		if err := l.Lock(0); err != nil {
 			return nil, err
@@ -167,14 +182,19 @@ func (l *Lockable) lockLocked(retries int) error {
 	return nil
 }
 
-// Unlock releases the storage lock if it is held.
+// Unlock releases the storage lock if it is held, making the generation
+// witness durable first.
 func (l *Lockable) Unlock() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.sealed.Store == nil {
 		return nil
 	}
-	err := l.sealed.Store.Close()
+	var err error
+	if w, last := l.sealed.Witness, l.sealed.last; w != nil && last != nil {
+		err = w.Sync(l.sealed.VMID, last.Generation)
+	}
+	err = errors.Join(err, l.sealed.Store.Close())
 	l.sealed.Store = nil
 	return err
 }

@@ -109,3 +109,28 @@ func TestCorruptRecord(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, rec, kept)
 }
+
+// With a witness, an older state put back in place is refused even by a
+// new process, which has seen no generation yet.
+func TestWitnessRefusesRollback(t *testing.T) {
+	root := t.TempDir()
+	dir, key := filepath.Join(root, "vm1"), filepath.Join(root, "host.key")
+	witness := &Witness{Dir: filepath.Join(root, "generations")}
+	l, err := OpenLockable(context.Background(), dir, &sealing.HostKey{Path: key}, "vm1", witness, true)
+	require.NoError(t, err)
+	require.NoError(t, l.Save([]byte("image 1")))
+	old, err := l.sealed.Store.Get("vm1")
+	require.NoError(t, err)
+	require.NoError(t, l.Save([]byte("image 2")))
+	require.NoError(t, l.sealed.Store.Put(old))
+	require.NoError(t, l.Unlock())
+	gen, err := witness.Generation("vm1")
+	require.NoError(t, err)
+	assert.Equal(t, uint64(2), gen)
+
+	l, err = OpenLockable(context.Background(), dir, &sealing.HostKey{Path: key}, "vm1", witness, false)
+	require.NoError(t, err)
+	defer l.Unlock()
+	_, err = l.Load()
+	assert.ErrorContains(t, err, "generation 1 is older than 2, the newest stored: an old state was put back")
+}
