@@ -363,12 +363,13 @@ func (s *Server) getStateBlob(req GetStateBlobRequest) Reply {
 
 func (s *Server) setStateBlob(r *ctrlReader, req SetStateBlobRequest) error {
 	blob, err := r.readBlob(req)
+	if s.TPM.Running() {
+		// Refused before the blob is looked at, even one cut short, as
+		// swtpm does; it is read all the same, to keep the stream in step.
+		return fmt.Errorf("set state blob: %w", vtpm.ErrRunning)
+	}
 	if err != nil {
 		return err
-	}
-	if s.TPM.Running() {
-		// Refused before the blob is looked at, as swtpm does.
-		return fmt.Errorf("set state blob: %w", vtpm.ErrRunning)
 	}
 	if err := s.lockStorage(); err != nil {
 		return fmt.Errorf("set state blob: %v: %w", err, ResultIOError)
