@@ -298,7 +298,7 @@ type session struct {
 	lastBlobType uint32
 	lying        int   // oversized commands with a lying size field so far
 	streamed     int64 // bytes streamed after requests so far
-	foreign      bool // a blob from the input was accepted: the NV index may be gone
+	foreign      bool  // a blob from the input was accepted: the NV index may be gone
 	buf          []byte
 }
 
