@@ -3,7 +3,7 @@
 // control and data sockets, the same TPM operations on both, over one
 // persistent data connection per VM as QEMU keeps. It reports throughput,
 // latency, CPU per operation, memory per instance and start-up time, their
-// vtpmd/swtpm ratios, and the floors: a unix-socket echo server and the
+// vtpmd/swtpm ratios, and the floors: a unix-socket echo server per VM and the
 // engine in process. Results go to the terminal and, as markdown, SVG and
 // JSON, to the results directory.
 //
@@ -128,12 +128,13 @@ func run() error {
 		os.Exit(130)
 	}()
 
+	tree := sourceTree()
 	rep, runErr := driver.Run(ctx, cfg)
 	prog.done()
 	if rep == nil {
 		return runErr
 	}
-	rep.Machine.Tree = sourceTree()
+	rep.Machine.Tree = tree
 	if runErr != nil {
 		rep.Notes = append(rep.Notes, "the run did not finish: "+runErr.Error())
 	}

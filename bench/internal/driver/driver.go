@@ -16,6 +16,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/vtpmd/vtpmd/bench/internal/fleet"
@@ -76,13 +77,12 @@ type vm struct {
 
 // run is the state of one Run.
 type run struct {
-	cfg     Config
-	base    string
-	kinds   []fleet.Kind
-	fleets  map[string][]*vm
-	echo    *fleet.Instance
-	echoRTs []workload.RoundTripper
-	rep     *report.Report
+	cfg    Config
+	base   string
+	kinds  []fleet.Kind
+	fleets map[string][]*vm
+	echo   []*fleet.Instance
+	rep    *report.Report
 }
 
 // Run runs the benchmark. Every process it starts is ended before it
@@ -156,14 +156,6 @@ func (r *run) all(ctx context.Context) error {
 	}
 	if err := r.startups(ctx); err != nil {
 		return err
-	}
-	if r.cfg.EchoArgv != nil {
-		in, err := fleet.Start(echoKind(r.cfg.EchoArgv), filepath.Join(r.base, "echo"))
-		if err != nil {
-			return err
-		}
-		r.echo = in
-		r.echoRTs = []workload.RoundTripper{in.Data}
 	}
 	for _, n := range r.cfg.VMs {
 		if err := r.level(ctx, n); err != nil {
@@ -277,34 +269,10 @@ func (r *run) level(ctx context.Context, n int) error {
 			return err
 		}
 	}
-	if r.echo != nil {
-		for len(r.echoRTs) < n {
-			d, err := dialEcho(r.echo)
-			if err != nil {
-				return err
-			}
-			r.echoRTs = append(r.echoRTs, d)
-		}
-		runner, err := workload.EchoOp()
-		if err != nil {
+	if r.cfg.EchoArgv != nil {
+		if err := r.echoCell(ctx, n); err != nil {
 			return err
 		}
-		runners := make([]workload.Runner, n)
-		for i := range runners {
-			runners[i] = runner
-		}
-		var best report.Cell
-		for round := range r.cfg.Rounds {
-			r.cfg.progress("%d VMs: echo floor", n)
-			cell, err := r.cell(ctx, report.Echo, "echo", r.echoRTs[:n], runners, []*fleet.Instance{r.echo})
-			if err != nil {
-				return err
-			}
-			if round == 0 || better(cell, best) {
-				best = cell
-			}
-		}
-		r.rep.Cells = append(r.rep.Cells, best)
 	}
 	for i, op := range r.cfg.Ops {
 		best := map[string]report.Cell{}
@@ -384,6 +352,48 @@ func (r *run) opCell(ctx context.Context, daemon string, op workload.Op, n int) 
 	return cell, nil
 }
 
+// echoCell measures the echo floor at n VMs: one echo process per VM, as
+// the daemons run, so that it carries the same per-process costs.
+func (r *run) echoCell(ctx context.Context, n int) error {
+	kind := echoKind(r.cfg.EchoArgv)
+	have := len(r.echo)
+	added := make([]*fleet.Instance, n-have)
+	err := parallel(n-have, func(i int) (err error) {
+		added[i], err = fleet.Start(kind, filepath.Join(r.base, fmt.Sprintf("echo-%03d", have+i)))
+		return err
+	})
+	for _, in := range added {
+		if in != nil {
+			r.echo = append(r.echo, in)
+		}
+	}
+	if err != nil {
+		return err
+	}
+	runner, err := workload.EchoOp()
+	if err != nil {
+		return err
+	}
+	rts := make([]workload.RoundTripper, n)
+	runners := make([]workload.Runner, n)
+	for i := range n {
+		rts[i], runners[i] = r.echo[i].Data, runner
+	}
+	var best report.Cell
+	for round := range r.cfg.Rounds {
+		r.cfg.progress("%d VMs: echo floor", n)
+		cell, err := r.cell(ctx, report.Echo, "echo", rts, runners, r.echo[:n])
+		if err != nil {
+			return err
+		}
+		if round == 0 || better(cell, best) {
+			best = cell
+		}
+	}
+	r.rep.Cells = append(r.rep.Cells, best)
+	return nil
+}
+
 // better reports whether round a is to be kept rather than round b: fewer
 // errors, then more throughput. Other load on the machine only slows a round
 // down, so the best of a few is the closest to what the daemon can do.
@@ -396,7 +406,9 @@ func better(a, b report.Cell) bool {
 
 // cell runs runners[i] on rts[i], each on its own goroutine, for the warm-up
 // and then the measured window, and measures the CPU time of the procs in
-// that window.
+// that window. The window lasts Duration, and longer if need be until every
+// VM has completed an operation in it, so that a slow operation (or a stall
+// of the disk) cannot leave a cell without a sample.
 func (r *run) cell(ctx context.Context, daemon, op string, rts []workload.RoundTripper, runners []workload.Runner, procs []*fleet.Instance) (report.Cell, error) {
 	n := len(rts)
 	start := time.Now()
@@ -408,6 +420,15 @@ func (r *run) cell(ctx context.Context, daemon, op string, rts []workload.RoundT
 		err  error
 	}
 	results := make([]result, n)
+	var closed atomic.Bool // the window has ended
+	var waiting atomic.Int64
+	waiting.Store(int64(n))
+	sampled := make(chan struct{}) // every VM has a sample or has failed
+	done := func() {
+		if waiting.Add(-1) == 0 {
+			close(sampled)
+		}
+	}
 	var wg sync.WaitGroup
 	for i := range n {
 		if d, ok := rts[i].(interface{ SetDeadline(time.Time) error }); ok {
@@ -420,7 +441,13 @@ func (r *run) cell(ctx context.Context, daemon, op string, rts []workload.RoundT
 		go func() {
 			defer wg.Done()
 			res := &results[i]
-			for t0 := time.Now(); t0.Before(end) && ctx.Err() == nil; {
+			counted := false
+			defer func() {
+				if !counted {
+					done()
+				}
+			}()
+			for t0 := time.Now(); !closed.Load() && ctx.Err() == nil; {
 				err := runners[i].Run(rts[i])
 				t1 := time.Now()
 				if err != nil {
@@ -428,8 +455,15 @@ func (r *run) cell(ctx context.Context, daemon, op string, rts []workload.RoundT
 					res.err = err
 					return
 				}
-				if t1.After(from) && !t1.After(end) {
+				if closed.Load() {
+					return
+				}
+				if t1.After(from) {
 					res.lat = append(res.lat, t1.Sub(t0))
+					if !counted {
+						counted = true
+						done()
+					}
 				}
 				t0 = t1
 			}
@@ -453,12 +487,18 @@ func (r *run) cell(ctx context.Context, daemon, op string, rts []workload.RoundT
 	sleepUntil(ctx, from)
 	sample(&cpu0, &self0, &cs0)
 	sleepUntil(ctx, end)
+	select {
+	case <-sampled:
+	case <-ctx.Done():
+	}
+	closed.Store(true)
+	window := time.Since(from)
 	sample(&cpu1, &self1, &cs1)
 	wg.Wait()
 	if err := ctx.Err(); err != nil {
 		return report.Cell{}, err
 	}
-	cell := report.Cell{Daemon: daemon, Op: op, VMs: n, Seconds: r.cfg.Duration.Seconds()}
+	cell := report.Cell{Daemon: daemon, Op: op, VMs: n, Seconds: window.Seconds()}
 	var all []time.Duration
 	for _, res := range results {
 		all = append(all, res.lat...)
@@ -505,20 +545,9 @@ func (r *run) stopAll() error {
 			all = append(all, v.in)
 		}
 	}
-	if r.echo != nil {
-		all = append(all, r.echo)
-		for _, rt := range r.echoRTs[1:] {
-			if c, ok := rt.(interface{ Close() error }); ok {
-				c.Close()
-			}
-		}
-	}
+	all = append(all, r.echo...)
 	r.cfg.progress("stopping %d processes", len(all))
 	return fleet.StopAll(all, 10*time.Second)
-}
-
-func dialEcho(in *fleet.Instance) (workload.RoundTripper, error) {
-	return dialData(filepath.Join(in.Dir, "data"))
 }
 
 // machine describes this machine and the daemons' versions.

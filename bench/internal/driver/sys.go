@@ -3,14 +3,7 @@ package driver
 import (
 	"fmt"
 	"syscall"
-
-	"github.com/vtpmd/vtpmd/bench/internal/client"
-	"github.com/vtpmd/vtpmd/bench/internal/workload"
 )
-
-func dialData(path string) (workload.RoundTripper, error) {
-	return client.DialData(path)
-}
 
 // fsType names the file system holding path, for the report: the state
 // directories' file system decides what a durable write costs.

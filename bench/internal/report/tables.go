@@ -207,7 +207,7 @@ func (r *Report) floorTable() table {
 	t.header = append(t.header, fmt.Sprintf("echo p50 @%d", n))
 	t.notes = append(t.notes,
 		"engine: mean time of vtpm.Device.Execute of the same command bytes in this process (one engine per process); the memory store keeps nothing; the fsynced file is replaced atomically and fsynced with its directory on every change, the least a durable store does; vtpmd's store is the one `vtpmd socket` uses (internal/vmstate: sealed records in the state store).",
-		"echo: the round trip of a trivial echo server over the same unix stream socket type; the daemon's latency minus echo and engine is its own overhead.")
+		"echo: the round trip of a trivial echo server (Go, like vtpmd) over the same unix stream socket type, one process per VM; the daemon's latency minus echo and engine is its own overhead.")
 	echo, _ := r.Cell(Echo, "echo", n)
 	for _, op := range r.Ops {
 		mem, _ := r.EngineCell(op.Name, "memory")
@@ -233,7 +233,7 @@ func engineText(c EngineCell) string {
 }
 
 func (r *Report) echoTable() table {
-	t := table{title: "Echo floor: unix stream socket round trip, one connection per VM to one echo process",
+	t := table{title: "Echo floor: unix stream socket round trip to a trivial Go echo server, one process and connection per VM",
 		header: []string{"VMs", "ops/s", "p50", "p99", "max", "echo CPU s/1k ops"}}
 	for _, n := range r.Settings.VMs {
 		if c, ok := r.Cell(Echo, "echo", n); ok {
