@@ -504,8 +504,10 @@ const (
 	// PartVolatile is the whole state after an orderly
 	// TPM2_Shutdown(STATE), marked to resume where it was.
 	PartVolatile StatePart = 2
-	partCount              = 3
 )
+
+// partCount sizes arrays indexed by StatePart.
+const partCount = 3
 
 // State returns a state image for migration or backup. For PartVolatile it
 // sends TPM2_Shutdown(STATE) unless the guest just did; the TPM goes on
