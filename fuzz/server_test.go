@@ -57,8 +57,12 @@ func FuzzServer(f *testing.F) {
 // The input: one flags byte, then ops. Each op starts with a byte whose low
 // three bits are its kind; the other bits are the op's options.
 const (
-	flagStartup = 1 << 0 // TPM2_Startup(CLEAR) before the sequence
-	flagQEMU    = 1 << 1 // no data channel until the sequence passes one with SET_DATAFD
+	flagStartup      = 1 << 0 // TPM2_Startup(CLEAR) before the sequence
+	flagQEMU         = 1 << 1 // no data channel until the sequence passes one with SET_DATAFD
+	flagBlobKeys     = 1 << 2 // state blobs encrypted with a migration key (and a state key set)
+	flagStorage      = 1 << 3 // a storage lock (always granted) ...
+	flagStorageFails = 1 << 4 // ... that is never granted
+	flagReleaseLock  = 1 << 5 // release the lock after the savestate blob (release-lock-outgoing)
 
 	opCtrl      = 0 // u16 length, request bytes: one control request
 	opData      = 1 // u16 length, command bytes: a plain TPM command
@@ -319,6 +323,13 @@ func (h *harness) newSession(t *testing.T, in []byte) *session {
 func (s *session) start() {
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.srv = &transport.Server{TPM: s.h.dev}
+	if s.flags&flagBlobKeys != 0 {
+		s.srv.BlobKeys = fuzzBlobKeys
+	}
+	if s.flags&flagStorage != 0 {
+		s.srv.Storage = &fakeStorage{fails: s.flags&flagStorageFails != 0}
+		s.srv.ReleaseLockOutgoing = s.flags&flagReleaseLock != 0
+	}
 	if s.flags&flagQEMU == 0 {
 		client, server := s.socketPair()
 		s.data = client
@@ -329,6 +340,36 @@ func (s *session) start() {
 		// the server answers without the TPM, waits for it.
 		s.oversizedOp(opOversized, 0)
 	}
+}
+
+// fuzzBlobKeys are the swtpm keys of flagBlobKeys.
+var fuzzBlobKeys = transport.BlobKeys{
+	Migration: bytes.Repeat([]byte{0x4d}, 32),
+	State:     bytes.Repeat([]byte{0x53}, 16),
+}
+
+// fakeStorage is a storage lock that is granted at once, or never.
+type fakeStorage struct {
+	fails  bool
+	locked bool
+}
+
+func (f *fakeStorage) Lock(retries int) error {
+	if f.fails {
+		return errors.New("the state is locked by another process")
+	}
+	f.locked = true
+	return nil
+}
+
+func (f *fakeStorage) Unlock() error {
+	f.locked = false
+	return nil
+}
+
+// storageFails says that the server cannot take its storage lock.
+func (s *session) storageFails() bool {
+	return s.flags&(flagStorage|flagStorageFails) == flagStorage|flagStorageFails
 }
 
 // stop ends the Server and its connections and waits for it.
@@ -788,7 +829,8 @@ func (s *session) oversizedOp(op byte, extra int) {
 }
 
 // replayOp sets the last state blob read back: a stopped TPM must take its
-// own blob, a running one refuses it.
+// own blob, a running one refuses it, and so does a server that cannot
+// lock the storage.
 func (s *session) replayOp(op byte) {
 	if s.lastBlob == nil {
 		return
@@ -813,8 +855,11 @@ func (s *session) replayOp(op byte) {
 	}
 	reply := s.readCtrlReply(conn, transport.CmdSetStateBlob, hdr)
 	want := transport.ResultSuccess
-	if running {
+	switch {
+	case running:
 		want = transport.ResultBadOrdinal
+	case s.storageFails():
+		want = transport.ResultIOError
 	}
 	if got := transport.Result(binary.BigEndian.Uint32(reply)); got != want {
 		s.t.Fatalf("SET_STATEBLOB of the type %d blob GET_STATEBLOB gave, as type %d, TPM running %v: result %#x, want %#x",
@@ -1008,6 +1053,26 @@ func serverEdgeSeeds() []seed {
 			sb.data(hexBytes("8002 0000001b 00000126 4000000c 00000009 40000009 000000 0000"))
 			sb.data(hexBytes("8002 0000001f 00000122 40000001 01f0ed00 00000009 40000009 000000 0000"))
 			sb.data(hexBytes("8002 00000024 00000137 01f0ed00 01f0ed00 00000009 40000009 000000 0000 0003 616263 0000"))
+		})},
+		{"storage-and-keys", seq(flagStartup|flagBlobKeys|flagStorage|flagReleaseLock, func(sb *seqBuilder) {
+			sb.ctrl(0, transport.GetCapabilityRequest{}.Marshal())
+			sb.ctrl(0, transport.GetConfigRequest{}.Marshal())
+			sb.ctrl(0, transport.LockStorageRequest{Retries: 300}.Marshal())
+			sb.ctrl(0, transport.GetStateBlobRequest{Type: 1}.Marshal())
+			sb.ctrl(0, transport.GetStateBlobRequest{Type: 3}.Marshal())
+			sb.ctrl(0, stop)
+			sb.op(opReplay)
+			sb.ctrl(0, transport.SetStateBlobRequest{Flags: 2, Type: 2, Length: 12}.Marshal())
+			sb.ctrl(0, initReq)
+			sb.data(getRandom)
+		})},
+		{"storage-lock-fails", seq(flagStartup|flagStorage|flagStorageFails, func(sb *seqBuilder) {
+			sb.data(getRandom)
+			sb.ctrl(0, transport.LockStorageRequest{Retries: 1}.Marshal())
+			sb.ctrl(0, transport.GetStateBlobRequest{Type: 1}.Marshal())
+			sb.ctrl(0, stop)
+			sb.op(opReplay)
+			sb.ctrl(0, initReq)
 		})},
 		{"shutdown-restart", seq(flagStartup, func(sb *seqBuilder) {
 			sb.ctrl(0, transport.ShutdownRequest{}.Marshal())
