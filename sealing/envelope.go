@@ -156,3 +156,7 @@ func (k *Key) GoString() string { return k.String() }
 
 // LogValue keeps the secret out of structured logs.
 func (k *Key) LogValue() slog.Value { return slog.StringValue(k.String()) }
+
+// Secret returns a copy of the key's secret, for handing the key to the one
+// process that serves the VM (the worker of `vtpmd serve`). Never log it.
+func (k *Key) Secret() []byte { return append([]byte(nil), k.secret...) }

@@ -6,5 +6,8 @@
 // never acknowledges a change that a crash could lose. Concurrent Puts share
 // pebble's group commit: one WAL fsync serves every batch queued behind it.
 // The database's own lock keeps two daemons from opening the same store.
-// The package stores sealed bytes only; sealing them is the caller's.
+// The package stores sealed bytes only; sealing them is the caller's. The
+// store of `vtpmd serve` also holds the registry of its VMs (VM entries,
+// under their own key prefix): a VM and its state record are deleted in one
+// batch.
 package state

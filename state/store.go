@@ -29,6 +29,9 @@ type Store struct {
 type Options struct {
 	// ReadOnly opens the store for reading only.
 	ReadOnly bool
+	// MemTableSize is pebble's memtable size; 0 is 1 MiB, enough for one
+	// VM. A store shared by many VMs (`vtpmd serve`) wants more.
+	MemTableSize uint64
 }
 
 const recordPrefix = "vm/"
@@ -43,9 +46,12 @@ func Open(dir string, o Options) (*Store, error) {
 	// A TPM's state is small: keep the caches small, since every VM's
 	// worker may hold a store.
 	cache := pebble.NewCache(1 << 20)
+	if o.MemTableSize == 0 {
+		o.MemTableSize = 1 << 20
+	}
 	db, err := pebble.Open(dir, &pebble.Options{
 		Cache:        cache,
-		MemTableSize: 1 << 20,
+		MemTableSize: o.MemTableSize,
 		ReadOnly:     o.ReadOnly,
 		Logger:       quietLogger{},
 	})

@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"sync"
 	"time"
 
@@ -15,10 +16,19 @@ import (
 	"github.com/vtpmd/vtpmd/vtpm"
 )
 
+// Records is where a Sealed keeps its records: a *state.Store, or, in a
+// worker of `vtpmd serve`, the supervisor that holds the store.
+type Records interface {
+	// Get returns the VM's record, or an error wrapping state.ErrNotFound.
+	Get(vmID string) (*state.Record, error)
+	// Put stores the record durably.
+	Put(r *state.Record) error
+}
+
 // Sealed is one VM's sealed, stored TPM state. It implements vtpm.Store.
 type Sealed struct {
 	// Store holds the records.
-	Store *state.Store
+	Store Records
 	// Key is the VM's state key.
 	Key *sealing.Key
 	// VMID names the VM; it is bound into every sealed image.
@@ -47,13 +57,8 @@ func (s *Sealed) Load() ([]byte, error) {
 		return nil, fmt.Errorf("state of VM %q: generation %d is older than %d, already seen", s.VMID, rec.Generation, s.last.Generation)
 	}
 	if s.Witness != nil {
-		newest, err := s.Witness.Generation(s.VMID)
-		if err != nil {
+		if err := s.Witness.Check(rec); err != nil {
 			return nil, err
-		}
-		if rec.Generation < newest {
-			return nil, fmt.Errorf("state of VM %q: generation %d is older than %d, the newest stored: an old state was put back (if on purpose, remove %s)",
-				s.VMID, rec.Generation, newest, s.Witness.Path(s.VMID))
 		}
 	}
 	image, err := sealing.Open(s.Key, s.VMID, sealing.KindTPMState, rec.Generation, rec.Sealed)
@@ -68,13 +73,14 @@ func (s *Sealed) Load() ([]byte, error) {
 // none of this VM's is an error, not a missing record.
 func (s *Sealed) get() (*state.Record, error) {
 	rec, err := s.Store.Get(s.VMID)
-	if errors.Is(err, state.ErrNotFound) && s.SoleVM {
-		others, lerr := s.Store.List()
+	store, isStore := s.Store.(*state.Store)
+	if errors.Is(err, state.ErrNotFound) && s.SoleVM && isStore {
+		others, lerr := store.List()
 		if lerr != nil {
 			return nil, lerr
 		}
 		if len(others) > 0 {
-			return nil, fmt.Errorf("state store %s holds the state of VM %q, not of VM %q: refusing to make a new TPM over it", s.Store.Dir(), others[0].VMID, s.VMID)
+			return nil, fmt.Errorf("state store %s holds the state of VM %q, not of VM %q: refusing to make a new TPM over it", store.Dir(), others[0].VMID, s.VMID)
 		}
 	}
 	return rec, err
@@ -124,8 +130,13 @@ func Open(ctx context.Context, dir string, keys sealing.KeySource, vmID string) 
 	return &Sealed{Store: store, Key: key, VMID: vmID, SoleVM: true}, nil
 }
 
-// Close closes the store.
-func (s *Sealed) Close() error { return s.Store.Close() }
+// Close closes the store, if it can be closed.
+func (s *Sealed) Close() error {
+	if c, ok := s.Store.(io.Closer); ok {
+		return c.Close()
+	}
+	return nil
+}
 
 // Lockable is one VM's sealed state in a store of its own (socket mode),
 // held open only while it holds the storage lock, as swtpm holds its .lock:
@@ -133,7 +144,8 @@ func (s *Sealed) Close() error { return s.Store.Close() }
 // or saving takes the lock if it is not held.
 type Lockable struct {
 	mu     sync.Mutex
-	sealed Sealed // its Store is nil while the lock is not held
+	sealed Sealed       // its Store is nil while the lock is not held
+	store  *state.Store // the same store, nil while the lock is not held
 	dir    string
 }
 
@@ -168,10 +180,10 @@ func (l *Lockable) Lock(retries int) error {
 }
 
 func (l *Lockable) lockLocked(retries int) error {
-	for attempt := 0; l.sealed.Store == nil; attempt++ {
+	for attempt := 0; l.store == nil; attempt++ {
 		store, err := state.Open(l.dir, state.Options{})
 		if err == nil {
-			l.sealed.Store = store
+			l.sealed.Store, l.store = store, store
 			break
 		}
 		if !errors.Is(err, state.ErrLocked) || attempt >= retries {
@@ -187,15 +199,15 @@ func (l *Lockable) lockLocked(retries int) error {
 func (l *Lockable) Unlock() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.sealed.Store == nil {
+	if l.store == nil {
 		return nil
 	}
 	var err error
 	if w, last := l.sealed.Witness, l.sealed.last; w != nil && last != nil {
 		err = w.Sync(l.sealed.VMID, last.Generation)
 	}
-	err = errors.Join(err, l.sealed.Store.Close())
-	l.sealed.Store = nil
+	err = errors.Join(err, l.store.Close())
+	l.sealed.Store, l.store = nil, nil
 	return err
 }
 

@@ -9,6 +9,8 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+
+	"github.com/vtpmd/vtpmd/state"
 )
 
 // Witness records, outside every state dir, the newest generation stored
@@ -40,6 +42,28 @@ func (w *Witness) Generation(vmID string) (uint64, error) {
 		return 0, fmt.Errorf("generation witness %s has %d bytes, want 8", w.Path(vmID), len(b))
 	}
 	return binary.BigEndian.Uint64(b), nil
+}
+
+// Check refuses a record older than the newest generation recorded for its
+// VM: an old state put back in place.
+func (w *Witness) Check(rec *state.Record) error {
+	newest, err := w.Generation(rec.VMID)
+	if err != nil {
+		return err
+	}
+	if rec.Generation < newest {
+		return fmt.Errorf("state of VM %q: generation %d is older than %d, the newest stored: an old state was put back (if on purpose, remove %s)",
+			rec.VMID, rec.Generation, newest, w.Path(rec.VMID))
+	}
+	return nil
+}
+
+// Remove forgets the VM's generation, when the VM is deleted.
+func (w *Witness) Remove(vmID string) error {
+	if err := os.Remove(w.Path(vmID)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("remove generation witness: %w", err)
+	}
+	return nil
 }
 
 // Record notes gen as the VM's newest generation. An 8-byte write at

@@ -1,0 +1,166 @@
+package state
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/cockroachdb/pebble"
+)
+
+// VM is one VM TPM in the registry of `vtpmd serve`, kept in the same store
+// as the VMs' state records, under its own key prefix.
+type VM struct {
+	// Name is the VM's name in the admin API.
+	Name string
+	// ID is the VM id its state record is stored and sealed under. It is
+	// new for every create, so that a VM deleted and created again under
+	// the same name starts afresh.
+	ID string
+	// Created is when the VM was created.
+	Created time.Time
+	// Ctrl is the path of the VM's control socket.
+	Ctrl string
+	// Data is the path of the VM's data socket, "" for none.
+	Data string
+	// Running is the desired state: the VM's TPM is to be served. A
+	// restarted supervisor starts every VM that has it.
+	Running bool
+}
+
+const (
+	vmPrefix       = "reg/"
+	vmMagic        = "VTVM"
+	vmVersion      = 1
+	vmFlagRunning  = 1
+	maxVMFieldSize = 4096
+)
+
+// MarshalBinary encodes the registry entry.
+func (v *VM) MarshalBinary() ([]byte, error) {
+	for _, s := range []string{v.Name, v.ID, v.Ctrl, v.Data} {
+		if len(s) > maxVMFieldSize {
+			return nil, fmt.Errorf("encode VM %q: a field is longer than %d bytes", v.Name, maxVMFieldSize)
+		}
+	}
+	b := append([]byte(vmMagic), vmVersion)
+	b = appendString(b, v.Name)
+	b = appendString(b, v.ID)
+	b = appendTime(b, v.Created)
+	b = appendString(b, v.Ctrl)
+	b = appendString(b, v.Data)
+	var flags byte
+	if v.Running {
+		flags |= vmFlagRunning
+	}
+	return append(b, flags), nil
+}
+
+func appendTime(b []byte, t time.Time) []byte {
+	return binary.BigEndian.AppendUint64(b, uint64(t.UnixNano()))
+}
+
+// ParseVM decodes a registry entry. Every error wraps ErrCorrupt.
+func ParseVM(b []byte) (*VM, error) {
+	d := decoder{b: b}
+	if string(d.take(4)) != vmMagic {
+		return nil, fmt.Errorf("%w: no %q header", ErrCorrupt, vmMagic)
+	}
+	if v := d.take(1); len(v) == 1 && v[0] != vmVersion {
+		return nil, fmt.Errorf("%w: VM entry version %d, this build reads %d", ErrCorrupt, v[0], vmVersion)
+	}
+	v := &VM{}
+	v.Name = d.str()
+	v.ID = d.str()
+	v.Created = time.Unix(0, int64(d.u64())).UTC()
+	v.Ctrl = d.str()
+	v.Data = d.str()
+	flags := d.take(1)
+	switch {
+	case d.short:
+		return nil, fmt.Errorf("%w: VM entry truncated at %d bytes", ErrCorrupt, len(b))
+	case len(d.b) != 0:
+		return nil, fmt.Errorf("%w: %d bytes after the VM entry", ErrCorrupt, len(d.b))
+	case flags[0]&^vmFlagRunning != 0:
+		return nil, fmt.Errorf("%w: unknown VM flags %#x", ErrCorrupt, flags[0])
+	}
+	for _, s := range []string{v.Name, v.ID, v.Ctrl, v.Data} {
+		if len(s) > maxVMFieldSize {
+			return nil, fmt.Errorf("%w: a VM field is longer than %d bytes", ErrCorrupt, maxVMFieldSize)
+		}
+	}
+	v.Running = flags[0]&vmFlagRunning != 0
+	return v, nil
+}
+
+// ErrNoVM means the registry has no VM of that name; it wraps ErrNotFound.
+var ErrNoVM = fmt.Errorf("no such VM: %w", ErrNotFound)
+
+// GetVM returns the registry entry of the VM named name.
+func (s *Store) GetVM(name string) (*VM, error) {
+	v, closer, err := s.db.Get([]byte(vmPrefix + name))
+	if errors.Is(err, pebble.ErrNotFound) {
+		return nil, fmt.Errorf("VM %q: %w", name, ErrNoVM)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read VM %q: %w", name, err)
+	}
+	defer closer.Close()
+	vm, err := ParseVM(v)
+	if err != nil {
+		return nil, fmt.Errorf("VM %q: %w", name, err)
+	}
+	return vm, nil
+}
+
+// PutVM stores the registry entry under its name, durably.
+func (s *Store) PutVM(v *VM) error {
+	b, err := v.MarshalBinary()
+	if err != nil {
+		return err
+	}
+	if err := s.db.Set([]byte(vmPrefix+v.Name), b, pebble.Sync); err != nil {
+		return fmt.Errorf("store VM %q: %w", v.Name, err)
+	}
+	return nil
+}
+
+// DeleteVM removes the registry entry and the VM's state record together,
+// durably.
+func (s *Store) DeleteVM(v *VM) error {
+	b := s.db.NewBatch()
+	defer b.Close()
+	err := errors.Join(b.Delete([]byte(vmPrefix+v.Name), nil), b.Delete([]byte(recordPrefix+v.ID), nil))
+	if err == nil {
+		err = b.Commit(pebble.Sync)
+	}
+	if err != nil {
+		return fmt.Errorf("delete VM %q: %w", v.Name, err)
+	}
+	return nil
+}
+
+// VMEntry is a registry entry as listed: its name, and the entry or why it
+// does not parse.
+type VMEntry struct {
+	Name string
+	VM   *VM
+	Err  error
+}
+
+// ListVMs lists the registry by name, corrupt entries included.
+func (s *Store) ListVMs() ([]VMEntry, error) {
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte(vmPrefix), UpperBound: []byte("reg0")})
+	if err != nil {
+		return nil, fmt.Errorf("list VMs: %w", err)
+	}
+	var out []VMEntry
+	for it.First(); it.Valid(); it.Next() {
+		e := VMEntry{Name: strings.TrimPrefix(string(it.Key()), vmPrefix)}
+		e.VM, e.Err = ParseVM(it.Value())
+		out = append(out, e)
+	}
+	return out, errors.Join(it.Error(), it.Close())
+}
