@@ -16,7 +16,6 @@ import (
 	"syscall"
 
 	"github.com/vtpmd/vtpmd/internal/options"
-	"github.com/vtpmd/vtpmd/internal/vmstate"
 	"github.com/vtpmd/vtpmd/sealing"
 	"github.com/vtpmd/vtpmd/state"
 	"github.com/vtpmd/vtpmd/transport"
@@ -62,12 +61,7 @@ func serveSocket(c *socketConfig, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	hostKey, err := hostKeyPath()
-	if err != nil {
-		return err
-	}
-	witness := &vmstate.Witness{Dir: filepath.Join(filepath.Dir(hostKey), "generations")}
-	vmState, err := vmstate.OpenLockable(ctx, c.stateDir, keys, c.vmID(), witness, !c.incoming)
+	vmState, err := openVMState(ctx, c.stateDir, keys, !c.incoming)
 	if err != nil {
 		return err
 	}
@@ -399,22 +393,6 @@ func printStates(w io.Writer, dir string) error {
 	return err
 }
 
-// vmID names the VM whose state this is: its state directory, which for
-// libvirt holds the VM's UUID. A state directory copied to another VM's
-// place does not open there.
-func (c *socketConfig) vmID() string { return c.stateDir }
-
-// hostKeyPath is where the host-local key lives: $VTPMD_HOST_KEY, or
-// host.key in vtpmd's state root. The generation witnesses live beside it.
-func hostKeyPath() (string, error) {
-	path := os.Getenv("VTPMD_HOST_KEY")
-	if path == "" {
-		root, _ := defaultDirs()
-		path = filepath.Join(root, "host.key")
-	}
-	return filepath.Abs(path)
-}
-
 // readKeys reads --key and --migration-key, once, since a descriptor can
 // be read only once. The state is sealed under --key's key, or else under
 // the host-local key ($VTPMD_HOST_KEY, or host.key in vtpmd's state root,
@@ -435,14 +413,9 @@ func (c *socketConfig) readKeys() (sealing.KeySource, transport.BlobKeys, error)
 			return nil, blobKeys, err
 		}
 		blobKeys.State = key.Raw
-		return key, blobKeys, nil
+		keys, err := stateKeys(c.stateDir, key)
+		return keys, blobKeys, err
 	}
-	path, err := hostKeyPath()
-	if err != nil {
-		return nil, blobKeys, err
-	}
-	if rel, err := filepath.Rel(c.stateDir, path); err == nil && !strings.HasPrefix(rel, "..") {
-		return nil, blobKeys, fmt.Errorf("the host key %s lies inside the state dir %s: keep it elsewhere (VTPMD_HOST_KEY)", path, c.stateDir)
-	}
-	return &sealing.HostKey{Path: path}, blobKeys, nil
+	keys, err := stateKeys(c.stateDir, nil)
+	return keys, blobKeys, err
 }
