@@ -1,0 +1,105 @@
+package fuzz
+
+import (
+	"bytes"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/vtpmd/vtpmd/internal/workerproto"
+	"github.com/vtpmd/vtpmd/state"
+)
+
+// FuzzParseVM: state.ParseVM (the registry of `vtpmd serve`) never panics,
+// fails only with ErrCorrupt, and what it parses marshals back to the same
+// bytes.
+func FuzzParseVM(f *testing.F) {
+	for _, v := range []state.VM{
+		{Name: "vm1", ID: "00112233445566778899aabbccddeeff", Created: time.Unix(1700000000, 5).UTC(), Ctrl: "/run/vtpmd/vm1.ctrl", Running: true},
+		{Name: "vm2", ID: "x", Ctrl: "/c", Data: "/d"},
+		{},
+	} {
+		b, err := v.MarshalBinary()
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
+	}
+	f.Add([]byte("VTVM\x01"))
+	f.Add(hexBytes("5654564d 01 0000 0000 0000000000000000 0000 0000 02"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		v, err := state.ParseVM(b)
+		if err != nil {
+			if v != nil || !errors.Is(err, state.ErrCorrupt) {
+				t.Fatalf("ParseVM: %v (entry %v)", err, v != nil)
+			}
+			return
+		}
+		out, err := v.MarshalBinary()
+		if err != nil {
+			t.Fatalf("marshal a parsed VM entry: %v", err)
+		}
+		if !bytes.Equal(out, b) {
+			t.Fatalf("parsed %x, marshal gives %x", head(b), head(out))
+		}
+	})
+}
+
+// FuzzWorkerMessage: the supervisor↔worker codec of `vtpmd serve`.
+// DecodeMessage never panics, fails only with ErrMalformed, does not alias
+// its input, and what it decodes marshals back to the same frame;
+// ReadMessage on the framed input agrees with it.
+func FuzzWorkerMessage(f *testing.F) {
+	rec := &state.Record{VMID: "0123", Generation: 7, Created: time.Unix(1700000000, 0).UTC(), Engine: "e", Sealed: make([]byte, 16500)}
+	for _, m := range []workerproto.Message{
+		workerproto.Key{VMID: "0123", KeyID: "host:abcd", Secret: bytes.Repeat([]byte{7}, workerproto.KeySize)},
+		workerproto.Ready{}, workerproto.Get{VMID: "0123"}, workerproto.Record{Record: rec}, workerproto.NotFound{},
+		workerproto.Put{Record: rec}, workerproto.Ack{Generation: 7}, workerproto.Error{Message: "disk full"},
+	} {
+		b, err := workerproto.Marshal(m)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b[4:])
+	}
+	f.Add([]byte{})
+	f.Add([]byte{99})
+	f.Add([]byte{byte(workerproto.TypeAck), 1})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		m, err := workerproto.DecodeMessage(b)
+		framed := append([]byte{byte(len(b) >> 24), byte(len(b) >> 16), byte(len(b) >> 8), byte(len(b))}, b...)
+		rm, rerr := workerproto.ReadMessage(bytes.NewReader(framed))
+		if err != nil {
+			if m != nil || !errors.Is(err, workerproto.ErrMalformed) {
+				t.Fatalf("DecodeMessage: %v (message %v)", err, m != nil)
+			}
+			if rerr == nil {
+				t.Fatalf("ReadMessage took what DecodeMessage refused: %T", rm)
+			}
+			return
+		}
+		if rerr != nil && len(b) <= workerproto.MaxFrame {
+			t.Fatalf("ReadMessage refused what DecodeMessage took: %v", rerr)
+		}
+		switch m := m.(type) {
+		case workerproto.Key:
+			if aliases(m.Secret, b) {
+				t.Fatal("the key aliases the input")
+			}
+		case workerproto.Put:
+			if aliases(m.Record.Sealed, b) {
+				t.Fatal("the record aliases the input")
+			}
+		}
+		out, err := workerproto.Marshal(m)
+		if err != nil {
+			if len(b) > workerproto.MaxFrame {
+				return
+			}
+			t.Fatalf("marshal a decoded %T: %v", m, err)
+		}
+		if !bytes.Equal(out, framed) {
+			t.Fatalf("decoded %x, marshal gives %x", head(b), head(out[4:]))
+		}
+	})
+}

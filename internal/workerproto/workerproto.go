@@ -1,0 +1,271 @@
+// Package workerproto is the protocol between the supervisor of `vtpmd
+// serve` and its workers, over the socketpair each worker inherits: typed
+// messages and one codec.
+//
+// A frame is a 4-byte big-endian length, then that many bytes: a type byte
+// and the message's fields (strings and byte strings with a 2- or 4-byte
+// length before them, integers big-endian). The supervisor sends Key first;
+// the worker answers Ready once it serves its sockets. After that the worker
+// asks and the supervisor answers, one request at a time: Get is answered by
+// Record, NotFound or Error; Put by Ack or Error. Ack means the record is
+// durably stored: only then may the worker release the TPM response whose
+// state it holds.
+package workerproto
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/vtpmd/vtpmd/state"
+)
+
+// Type is a message's type byte.
+type Type uint8
+
+// Message types.
+const (
+	TypeKey      Type = 1 // supervisor → worker: the VM's state key
+	TypeReady    Type = 2 // worker → supervisor: serving
+	TypeGet      Type = 3 // worker → supervisor: the VM's state record, please
+	TypeRecord   Type = 4 // supervisor → worker: the record
+	TypeNotFound Type = 5 // supervisor → worker: the VM has no record yet
+	TypePut      Type = 6 // worker → supervisor: store this record durably
+	TypeAck      Type = 7 // supervisor → worker: stored
+	TypeError    Type = 8 // supervisor → worker: the request failed
+)
+
+// MaxFrame bounds a frame: a sealed 16 KiB NV image and its record fit
+// with room to spare.
+const MaxFrame = 64 << 10
+
+// KeySize is the size of a state key's secret.
+const KeySize = 32
+
+// ErrMalformed is wrapped by every error of DecodeMessage and of ReadMessage
+// for a frame that arrived whole but does not decode.
+var ErrMalformed = errors.New("malformed worker message")
+
+// Message is one message of the protocol.
+type Message interface {
+	// Type is the message's type byte.
+	Type() Type
+	appendFields(b []byte) ([]byte, error)
+}
+
+// Key hands the worker its VM's state key.
+type Key struct {
+	// VMID is the VM id the state is sealed under.
+	VMID string
+	// KeyID names the key in sealed envelopes.
+	KeyID string
+	// Secret is the key itself, KeySize bytes.
+	Secret []byte
+}
+
+// Ready says the worker serves its sockets.
+type Ready struct{}
+
+// Get asks for the VM's state record.
+type Get struct{ VMID string }
+
+// Record answers Get with the stored record.
+type Record struct{ Record *state.Record }
+
+// NotFound answers Get when the VM has no record yet.
+type NotFound struct{}
+
+// Put asks the supervisor to store the record durably.
+type Put struct{ Record *state.Record }
+
+// Ack answers Put: the record of that generation is stored.
+type Ack struct{ Generation uint64 }
+
+// Error answers a request that failed.
+type Error struct{ Message string }
+
+// Type implementations.
+func (Key) Type() Type      { return TypeKey }
+func (Ready) Type() Type    { return TypeReady }
+func (Get) Type() Type      { return TypeGet }
+func (Record) Type() Type   { return TypeRecord }
+func (NotFound) Type() Type { return TypeNotFound }
+func (Put) Type() Type      { return TypePut }
+func (Ack) Type() Type      { return TypeAck }
+func (Error) Type() Type    { return TypeError }
+
+// String never shows the secret.
+func (k Key) String() string { return fmt.Sprintf("key %s for VM %s", k.KeyID, k.VMID) }
+
+// GoString never shows the secret.
+func (k Key) GoString() string { return k.String() }
+
+func (k Key) appendFields(b []byte) ([]byte, error) {
+	if len(k.Secret) != KeySize {
+		return nil, fmt.Errorf("key message: the secret has %d bytes, want %d", len(k.Secret), KeySize)
+	}
+	b, err := appendString(b, k.VMID)
+	if err != nil {
+		return nil, err
+	}
+	if b, err = appendString(b, k.KeyID); err != nil {
+		return nil, err
+	}
+	return append(b, k.Secret...), nil
+}
+
+func (Ready) appendFields(b []byte) ([]byte, error)    { return b, nil }
+func (NotFound) appendFields(b []byte) ([]byte, error) { return b, nil }
+func (g Get) appendFields(b []byte) ([]byte, error)    { return appendString(b, g.VMID) }
+func (r Record) appendFields(b []byte) ([]byte, error) { return appendRecord(b, r.Record) }
+func (p Put) appendFields(b []byte) ([]byte, error)    { return appendRecord(b, p.Record) }
+func (a Ack) appendFields(b []byte) ([]byte, error) {
+	return binary.BigEndian.AppendUint64(b, a.Generation), nil
+}
+func (e Error) appendFields(b []byte) ([]byte, error) { return appendString(b, e.Message) }
+
+func appendString(b []byte, s string) ([]byte, error) {
+	if len(s) > 0xffff {
+		return nil, fmt.Errorf("worker message: a string of %d bytes is too long", len(s))
+	}
+	b = binary.BigEndian.AppendUint16(b, uint16(len(s)))
+	return append(b, s...), nil
+}
+
+func appendRecord(b []byte, r *state.Record) ([]byte, error) {
+	if r == nil {
+		return nil, errors.New("worker message: no record")
+	}
+	rec, err := r.MarshalBinary()
+	if err != nil {
+		return nil, err
+	}
+	return append(b, rec...), nil
+}
+
+// Marshal encodes m as a whole frame, length included.
+func Marshal(m Message) ([]byte, error) {
+	b, err := m.appendFields([]byte{0, 0, 0, 0, byte(m.Type())})
+	if err != nil {
+		return nil, err
+	}
+	if len(b)-4 > MaxFrame {
+		return nil, fmt.Errorf("worker message of type %d: %d bytes is over the limit of %d", m.Type(), len(b)-4, MaxFrame)
+	}
+	binary.BigEndian.PutUint32(b, uint32(len(b)-4))
+	return b, nil
+}
+
+// WriteMessage writes m as one frame in one write.
+func WriteMessage(w io.Writer, m Message) error {
+	b, err := Marshal(m)
+	if err != nil {
+		return err
+	}
+	_, err = w.Write(b)
+	return err
+}
+
+// ReadMessage reads one frame and decodes it. A connection that ends
+// between frames gives io.EOF.
+func ReadMessage(r io.Reader) (Message, error) {
+	var hdr [4]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		return nil, err
+	}
+	n := binary.BigEndian.Uint32(hdr[:])
+	if n == 0 || n > MaxFrame {
+		return nil, fmt.Errorf("%w: frame of %d bytes (limit %d)", ErrMalformed, n, MaxFrame)
+	}
+	b := make([]byte, n)
+	if _, err := io.ReadFull(r, b); err != nil {
+		if errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF
+		}
+		return nil, err
+	}
+	return DecodeMessage(b)
+}
+
+// DecodeMessage decodes one frame's contents (the type byte and the
+// fields, without the length). Every error wraps ErrMalformed; the message
+// does not alias b.
+func DecodeMessage(b []byte) (Message, error) {
+	if len(b) == 0 {
+		return nil, fmt.Errorf("%w: empty frame", ErrMalformed)
+	}
+	d := &decoder{b: b[1:]}
+	var m Message
+	switch t := Type(b[0]); t {
+	case TypeKey:
+		k := Key{VMID: d.str(), KeyID: d.str()}
+		k.Secret = append([]byte(nil), d.take(KeySize)...)
+		m = k
+	case TypeReady:
+		m = Ready{}
+	case TypeGet:
+		m = Get{VMID: d.str()}
+	case TypeRecord, TypePut:
+		rec, err := state.ParseRecord(d.rest())
+		if err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrMalformed, err)
+		}
+		if t == TypeRecord {
+			m = Record{Record: rec}
+		} else {
+			m = Put{Record: rec}
+		}
+	case TypeNotFound:
+		m = NotFound{}
+	case TypeAck:
+		m = Ack{Generation: d.u64()}
+	case TypeError:
+		m = Error{Message: d.str()}
+	default:
+		return nil, fmt.Errorf("%w: unknown type %d", ErrMalformed, t)
+	}
+	switch {
+	case d.short:
+		return nil, fmt.Errorf("%w: type %d cut short at %d bytes", ErrMalformed, b[0], len(b))
+	case len(d.b) != 0:
+		return nil, fmt.Errorf("%w: %d bytes after a message of type %d", ErrMalformed, len(d.b), b[0])
+	}
+	return m, nil
+}
+
+type decoder struct {
+	b     []byte
+	short bool
+}
+
+func (d *decoder) take(n int) []byte {
+	if n > len(d.b) {
+		d.short, d.b = true, nil
+		return nil
+	}
+	v := d.b[:n]
+	d.b = d.b[n:]
+	return v
+}
+
+func (d *decoder) rest() []byte {
+	v := d.b
+	d.b = nil
+	return v
+}
+
+func (d *decoder) str() string {
+	n := d.take(2)
+	if n == nil {
+		return ""
+	}
+	return string(d.take(int(binary.BigEndian.Uint16(n))))
+}
+
+func (d *decoder) u64() uint64 {
+	if v := d.take(8); v != nil {
+		return binary.BigEndian.Uint64(v)
+	}
+	return 0
+}
