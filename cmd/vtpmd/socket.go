@@ -16,6 +16,7 @@ import (
 	"syscall"
 
 	"github.com/vtpmd/vtpmd/internal/options"
+	"github.com/vtpmd/vtpmd/internal/unixsock"
 	"github.com/vtpmd/vtpmd/sealing"
 	"github.com/vtpmd/vtpmd/state"
 	"github.com/vtpmd/vtpmd/transport"
@@ -198,7 +199,7 @@ func (e *endpoint) open() (net.Listener, net.Conn, func(), error) {
 		}
 		return l, nil, func() { l.Close() }, nil
 	case e.network == "unix":
-		l, err := listenUnix(e.path, e.mode, e.uid, e.gid)
+		l, err := unixsock.Listen(e.path, e.mode, e.uid, e.gid)
 		if err != nil {
 			return nil, nil, nil, err
 		}
@@ -220,30 +221,6 @@ func fileConn(fd int) (net.Conn, error) {
 		return nil, fmt.Errorf("use descriptor %d as a connected socket: %w", fd, err)
 	}
 	return conn, nil
-}
-
-// listenUnix listens on path, replacing a stale socket file, with the given
-// mode and owner. The listener removes the file when closed.
-func listenUnix(path string, mode os.FileMode, uid, gid int) (net.Listener, error) {
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("remove old socket %s: %w", path, err)
-	}
-	// The umask keeps the socket private until its mode is set.
-	old := syscall.Umask(0o177)
-	l, err := net.Listen("unix", path)
-	syscall.Umask(old)
-	if err != nil {
-		return nil, fmt.Errorf("listen on %s: %w", path, err)
-	}
-	err = os.Chmod(path, mode)
-	if err == nil && (uid >= 0 || gid >= 0) {
-		err = os.Lchown(path, uid, gid)
-	}
-	if err != nil {
-		l.Close()
-		return nil, fmt.Errorf("set mode and owner of %s: %w", path, err)
-	}
-	return l, nil
 }
 
 func (c *socketConfig) writePid() error {
