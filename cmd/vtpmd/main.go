@@ -36,6 +36,12 @@ func run(args []string, stdout io.Writer) error {
 		return runSocket(args[2:], stdout)
 	case "qemu":
 		return runQEMU(args[2:], stdout)
+	case "serve":
+		return runServe(args[2:], stdout)
+	case "ctl":
+		return runCtl(args[2:], stdout)
+	case "worker":
+		return runWorker(args[2:])
 	case "-v", "--version", "version":
 		_, err := fmt.Fprintf(stdout, "TPM emulator version %s, vtpmd (TPM 2.0 engine: %s)\n", version, vtpm.EngineVersion)
 		return err
@@ -56,6 +62,9 @@ Commands:
   qemu [name]
              serve one TPM with the default layout and print the QEMU
              arguments that use it
+  serve      serve the TPMs of many VMs, a worker process each, managed
+             through an admin API (see 'vtpmd serve --help')
+  ctl        the admin client of 'vtpmd serve' (see 'vtpmd ctl --help')
   --version  print the version
 
 Installed as 'swtpm', vtpmd takes swtpm's command line.

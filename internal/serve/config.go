@@ -1,0 +1,82 @@
+package serve
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"regexp"
+)
+
+// Config configures a Supervisor. The command line fills it from the
+// embedded defaults, an optional config file (LoadConfig) and flags.
+type Config struct {
+	// StateDir holds the one pebble store: every VM's sealed state and
+	// the registry of VMs.
+	StateDir string `json:"state_dir"`
+	// RunDir holds the admin socket and the VMs' sockets.
+	RunDir string `json:"run_dir"`
+	// Admin is the admin socket (mode 0600); "" is RunDir/admin.sock.
+	Admin string `json:"admin_socket"`
+	// HostKey is the host-local key the VMs' state keys derive from. The
+	// generation witnesses live beside it.
+	HostKey string `json:"host_key"`
+	// LogLevel is debug, info, warn or error; workers log at the same level.
+	LogLevel string `json:"log_level"`
+
+	// Executable is the vtpmd binary the workers run ("" is this one).
+	Executable string `json:"-"`
+	// Log receives the supervisor's logs.
+	Log *slog.Logger `json:"-"`
+	// WorkerLog is where the workers write their logs (their stderr).
+	WorkerLog *os.File `json:"-"`
+}
+
+// LoadConfig applies the JSON config file at path over c. Unknown keys
+// are errors.
+func (c *Config) LoadConfig(path string) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("config file: %w", err)
+	}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(c); err != nil {
+		return fmt.Errorf("config file %s: %w", path, err)
+	}
+	return nil
+}
+
+// AdminSocket is the admin socket's path.
+func (c *Config) AdminSocket() string {
+	if c.Admin != "" {
+		return c.Admin
+	}
+	return filepath.Join(c.RunDir, "admin.sock")
+}
+
+// Level is the slog level of LogLevel.
+func (c *Config) Level() (slog.Level, error) {
+	var l slog.Level
+	if c.LogLevel == "" {
+		return slog.LevelInfo, nil
+	}
+	if err := l.UnmarshalText([]byte(c.LogLevel)); err != nil {
+		return l, fmt.Errorf("log level %q: use debug, info, warn or error", c.LogLevel)
+	}
+	return l, nil
+}
+
+// nameRE is what a VM name may be: it becomes a file name in RunDir.
+var nameRE = regexp.MustCompile(`^[a-zA-Z0-9._-]{1,64}$`)
+
+// ValidName checks a VM name: 1 to 64 of [a-zA-Z0-9._-], not starting
+// with a dot.
+func ValidName(name string) error {
+	if !nameRE.MatchString(name) || name[0] == '.' {
+		return fmt.Errorf("%w: bad VM name %q: use 1 to 64 letters, digits, '.', '_' or '-', not starting with '.'", ErrBadRequest, name)
+	}
+	return nil
+}

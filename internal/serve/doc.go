@@ -1,0 +1,71 @@
+// Package serve is the supervisor of `vtpmd serve`: one daemon that serves
+// the TPMs of many VMs, each TPM in a worker process of its own (package
+// worker), so that a crash, or a guest exploiting the engine, reaches no
+// other VM.
+//
+// # The supervisor
+//
+// It runs with an embedded default configuration (state in
+// /var/lib/vtpmd/serve, sockets in /run/vtpmd for root; the XDG data and
+// runtime directories otherwise), which an optional JSON config file and
+// flags override. It opens one pebble state store (package state) for
+// every VM, holding each VM's sealed state record and, under its own key
+// prefix, the registry of VMs: name, VM id, creation time, control socket,
+// optional data socket, and the desired state (running or stopped). It
+// derives each VM's state key from the host key (sealing.HostKey), and
+// keeps the generation witnesses beside the host key, as `vtpmd socket`
+// does. The VM id is new for every create, so a VM created again under a
+// deleted one's name starts afresh.
+//
+// The admin API is HTTP and JSON on a unix socket of mode 0600 (see
+// Handler): create, start, stop, delete, list and status. Names are 1 to
+// 64 of [a-zA-Z0-9._-], not starting with '.'. A malformed request (bad
+// name or body: 400), an unknown VM (404), a duplicate create or the
+// delete of a running VM (409) get an HTTP error with a JSON explanation,
+// and change nothing. `vtpmd ctl` is its client (Client).
+//
+// # The workers
+//
+// Starting a VM creates its control socket <run dir>/<name>.ctrl (and data
+// socket <name>.data, with a <name>.data.ctrl link to the control socket
+// for the swtpm TCTI), mode 0600, in the supervisor, and starts a worker:
+// the same binary as `vtpmd worker`, given the LISTENING sockets as
+// inherited descriptors, so that every worker of the VM, also one started
+// after a crash, serves the same paths and a client can connect again. The
+// worker serves them itself with a transport.Server (no extra hop). It runs
+// with GOMAXPROCS=1, no_new_privs, PR_SET_PDEATHSIG, no core dumps, in its
+// own process group, with no descriptors but its own.
+//
+// Supervisor and worker speak package workerproto over a socketpair: the
+// supervisor hands the worker its VM's state key (never in argv, the
+// environment or a log), the worker asks for its VM's sealed record and
+// sends every new one. The worker seals (vmstate.Sealed: a generation per
+// write, the VM id bound into the seal); the supervisor checks that the
+// record is the worker's own VM's and newer than the one stored, commits it
+// with state.Store.Put, whose fsync concurrent workers share (group
+// commit), records the generation witness, and only then acknowledges it.
+// The worker's Save returns only on that acknowledgement, so no TPM
+// response leaves before its state is stored. A worker can reach no other
+// VM's state or key.
+//
+// # Failures
+//
+// A worker that dies (a crash, SIGKILL) is restarted from the last stored
+// state, after a delay that doubles from 100 ms to 10 s while it keeps
+// dying (logged with the VM's name); its client's in-flight command fails,
+// the client connects again to the same socket and finds a new TPM process
+// that, like a freshly started swtpm, waits for CMD_INIT. Other VMs notice
+// nothing: their workers and the store are untouched. A worker that ended
+// after CMD_SHUTDOWN (QEMU is done with the TPM) is replaced at once, ready
+// for the next QEMU.
+//
+// When the supervisor ends, its workers end too: on SIGTERM it stops them
+// in order (each stores its state), and if it dies, PR_SET_PDEATHSIG kills
+// them (every acknowledged state is stored already). Running workers are
+// not adopted by the next supervisor: they are restarted cleanly. The
+// registry records each VM's desired state, and a starting supervisor
+// starts every VM that is to run. This keeps one owner for the store and
+// the sockets, and a worker never outlives the process that commits its
+// state; the cost is that VMs lose their TPM connection while the
+// supervisor restarts, as they do when a worker restarts.
+package serve

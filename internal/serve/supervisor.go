@@ -1,0 +1,446 @@
+package serve
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/vtpmd/vtpmd/internal/unixsock"
+	"github.com/vtpmd/vtpmd/internal/vmstate"
+	"github.com/vtpmd/vtpmd/sealing"
+	"github.com/vtpmd/vtpmd/state"
+)
+
+// Errors of the VM operations; the admin API maps them to HTTP codes.
+var (
+	// ErrBadRequest: the request is malformed (400).
+	ErrBadRequest = errors.New("bad request")
+	// ErrUnknownVM: no VM has that name (404).
+	ErrUnknownVM = errors.New("no such VM")
+	// ErrConflict: the VM's state does not allow it (409).
+	ErrConflict = errors.New("conflict")
+)
+
+// Supervisor is `vtpmd serve`: the one state store, the registry of VMs,
+// a worker process per running VM, and the admin API.
+type Supervisor struct {
+	cfg     Config
+	log     *slog.Logger
+	store   *state.Store
+	keys    sealing.KeySource
+	witness *vmstate.Witness
+	spawn   *spawner
+	exe     string
+
+	mu   sync.Mutex // registry changes, and runs
+	runs map[string]*vmRun
+}
+
+// Open opens the state store (whose lock keeps a second supervisor off it)
+// and prepares the supervisor. Close undoes it; Run closes it too.
+func Open(cfg Config) (*Supervisor, error) {
+	if cfg.StateDir == "" || cfg.RunDir == "" || cfg.HostKey == "" {
+		return nil, errors.New("serve: the state dir, run dir and host key must be set")
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	if cfg.WorkerLog == nil {
+		cfg.WorkerLog = os.Stderr
+	}
+	if _, err := cfg.Level(); err != nil {
+		return nil, err
+	}
+	exe := cfg.Executable
+	if exe == "" {
+		var err error
+		if exe, err = os.Executable(); err != nil {
+			return nil, fmt.Errorf("serve: find the vtpmd binary for the workers: %w", err)
+		}
+	}
+	if rel, err := filepath.Rel(cfg.StateDir, cfg.HostKey); err == nil && rel != ".." && !startsWithDotDot(rel) {
+		return nil, fmt.Errorf("serve: the host key %s lies inside the state dir %s: keep it elsewhere", cfg.HostKey, cfg.StateDir)
+	}
+	if err := os.MkdirAll(cfg.RunDir, 0o700); err != nil {
+		return nil, fmt.Errorf("serve: %w", err)
+	}
+	spawn, err := newSpawner()
+	if err != nil {
+		return nil, err
+	}
+	store, err := state.Open(cfg.StateDir, state.Options{MemTableSize: 16 << 20})
+	if err != nil {
+		return nil, err
+	}
+	return &Supervisor{
+		cfg:     cfg,
+		log:     cfg.Log,
+		store:   store,
+		keys:    &sealing.HostKey{Path: cfg.HostKey},
+		witness: &vmstate.Witness{Dir: filepath.Join(filepath.Dir(cfg.HostKey), "generations")},
+		spawn:   spawn,
+		exe:     exe,
+		runs:    map[string]*vmRun{},
+	}, nil
+}
+
+func startsWithDotDot(rel string) bool {
+	return len(rel) >= 3 && rel[:3] == ".."+string(filepath.Separator)
+}
+
+// Close stops every worker, leaving each VM's desired state as it is, and
+// closes the store.
+func (s *Supervisor) Close() error {
+	s.mu.Lock()
+	runs := make([]*vmRun, 0, len(s.runs))
+	for _, r := range s.runs {
+		runs = append(runs, r)
+	}
+	s.runs = map[string]*vmRun{}
+	s.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, r := range runs {
+		wg.Add(1)
+		go func() { defer wg.Done(); r.shutdown() }()
+	}
+	wg.Wait()
+	return s.store.Close()
+}
+
+// Run restarts every VM whose desired state is running (a supervisor that
+// went away took its workers with it), serves the admin API until ctx ends,
+// then stops the workers and closes the store.
+func (s *Supervisor) Run(ctx context.Context) error {
+	admin := s.cfg.AdminSocket()
+	l, err := unixsock.Listen(admin, 0o600, -1, -1)
+	if err != nil {
+		s.Close()
+		return err
+	}
+	s.startWanted()
+	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 5 * time.Second, ErrorLog: nil}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(l) }()
+	s.log.Info("serving", "admin", admin, "state", s.cfg.StateDir, "run", s.cfg.RunDir)
+	select {
+	case <-ctx.Done():
+		s.log.Info("ending on signal")
+	case err = <-served:
+		s.log.Error("admin API failed", "err", err)
+	}
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_ = srv.Shutdown(shutdownCtx)
+	return errors.Join(err, s.Close())
+}
+
+// startWanted starts every VM whose desired state is running.
+func (s *Supervisor) startWanted() {
+	entries, err := s.store.ListVMs()
+	if err != nil {
+		s.log.Error("list VMs", "err", err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, e := range entries {
+		switch {
+		case e.Err != nil:
+			s.log.Error("registry entry does not parse; left alone", "vm", e.Name, "err", e.Err)
+		case e.VM.Running:
+			if err := s.startLocked(e.VM); err != nil {
+				s.log.Error("restart VM", "vm", e.Name, "err", err)
+			}
+		}
+	}
+}
+
+// Status is a VM as the admin API reports it.
+type Status struct {
+	Name    string    `json:"name"`
+	ID      string    `json:"id"`
+	Created time.Time `json:"created"`
+	Ctrl    string    `json:"ctrl"`
+	Data    string    `json:"data,omitempty"`
+	// Desired is "running" or "stopped": what the supervisor keeps the VM
+	// at, also across its own restarts.
+	Desired string `json:"desired"`
+	// State is "stopped", "starting", "running", "restarting" or
+	// "stopping".
+	State string `json:"state"`
+	// PID is the worker's process id while there is one.
+	PID int `json:"pid,omitempty"`
+	// Restarts counts the worker's restarts since the VM was started.
+	Restarts int `json:"restarts"`
+	// LastExit says how the last worker ended.
+	LastExit string `json:"last_exit,omitempty"`
+	// QEMUArgs are the QEMU arguments for the VM's TPM.
+	QEMUArgs []string `json:"qemu_args"`
+}
+
+// QEMUArgs are the QEMU arguments that give a VM the TPM on ctrl.
+func QEMUArgs(ctrl string) []string {
+	return []string{
+		"-chardev", "socket,id=chrtpm,path=" + ctrl,
+		"-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+		"-device", "tpm-crb,tpmdev=tpm0",
+	}
+}
+
+func (s *Supervisor) statusLocked(vm *state.VM) Status {
+	st := Status{Name: vm.Name, ID: vm.ID, Created: vm.Created, Ctrl: vm.Ctrl, Data: vm.Data,
+		Desired: "stopped", State: "stopped", QEMUArgs: QEMUArgs(vm.Ctrl)}
+	if vm.Running {
+		st.Desired = "running"
+	}
+	if r := s.runs[vm.Name]; r != nil {
+		r.mu.Lock()
+		st.State, st.PID, st.Restarts, st.LastExit = r.phase, r.pid, r.restarts, r.lastExit
+		r.mu.Unlock()
+	}
+	return st
+}
+
+// CreateRequest is the body of a create.
+type CreateRequest struct {
+	// Name names the VM.
+	Name string `json:"name"`
+	// Data gives the VM a data socket (for clients without
+	// CMD_SET_DATAFD, like the swtpm TCTI) beside its control socket.
+	Data bool `json:"data,omitempty"`
+}
+
+// maxSocketPath is the longest unix socket path.
+const maxSocketPath = 107
+
+// Create registers a new, stopped VM.
+func (s *Supervisor) Create(req CreateRequest) (Status, error) {
+	if err := ValidName(req.Name); err != nil {
+		return Status{}, err
+	}
+	id := make([]byte, 16)
+	if _, err := rand.Read(id); err != nil {
+		return Status{}, err
+	}
+	vm := &state.VM{Name: req.Name, ID: hex.EncodeToString(id), Created: time.Now().UTC(),
+		Ctrl: filepath.Join(s.cfg.RunDir, req.Name+".ctrl")}
+	if req.Data {
+		vm.Data = filepath.Join(s.cfg.RunDir, req.Name+".data")
+	}
+	if len(vm.Ctrl) > maxSocketPath {
+		return Status{}, fmt.Errorf("%w: the socket path %s is longer than %d bytes: use a shorter name or run dir", ErrBadRequest, vm.Ctrl, maxSocketPath)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, err := s.store.GetVM(req.Name)
+	switch {
+	case err == nil:
+		return Status{}, fmt.Errorf("%w: VM %q exists", ErrConflict, req.Name)
+	case errors.Is(err, state.ErrCorrupt):
+		return Status{}, fmt.Errorf("%w: VM %q exists (its registry entry does not parse: %v)", ErrConflict, req.Name, err)
+	case !errors.Is(err, state.ErrNoVM):
+		return Status{}, err
+	}
+	if err := s.store.PutVM(vm); err != nil {
+		return Status{}, err
+	}
+	s.log.Info("created", "vm", vm.Name, "id", vm.ID, "ctrl", vm.Ctrl)
+	return s.statusLocked(vm), nil
+}
+
+// getLocked reads the VM's registry entry, mapping a missing one to
+// ErrUnknownVM.
+func (s *Supervisor) getLocked(name string) (*state.VM, error) {
+	if err := ValidName(name); err != nil {
+		return nil, err
+	}
+	vm, err := s.store.GetVM(name)
+	if errors.Is(err, state.ErrNoVM) {
+		return nil, fmt.Errorf("%w: %q", ErrUnknownVM, name)
+	}
+	return vm, err
+}
+
+// VM reports one VM.
+func (s *Supervisor) VM(name string) (Status, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	vm, err := s.getLocked(name)
+	if err != nil {
+		return Status{}, err
+	}
+	return s.statusLocked(vm), nil
+}
+
+// List reports every VM, by name.
+func (s *Supervisor) List() ([]Status, error) {
+	entries, err := s.store.ListVMs()
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]Status, 0, len(entries))
+	for _, e := range entries {
+		if e.Err != nil {
+			out = append(out, Status{Name: e.Name, State: "corrupt", LastExit: e.Err.Error()})
+			continue
+		}
+		out = append(out, s.statusLocked(e.VM))
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out, nil
+}
+
+// readyTimeout bounds the wait for a started worker to serve.
+const readyTimeout = 20 * time.Second
+
+// Start starts the VM's worker, records that the VM is to run, and
+// returns once the worker serves. Starting a running VM does nothing.
+func (s *Supervisor) Start(name string) (Status, error) {
+	s.mu.Lock()
+	vm, err := s.getLocked(name)
+	if err != nil {
+		s.mu.Unlock()
+		return Status{}, err
+	}
+	r := s.runs[name]
+	switch {
+	case r != nil && r.stopping():
+		s.mu.Unlock()
+		return Status{}, fmt.Errorf("%w: VM %q is stopping; start it again once it has stopped", ErrConflict, name)
+	case r == nil:
+		vm.Running = true
+		if err := s.store.PutVM(vm); err != nil {
+			s.mu.Unlock()
+			return Status{}, err
+		}
+		if err := s.startLocked(vm); err != nil {
+			vm.Running = false
+			err = errors.Join(err, s.store.PutVM(vm))
+			s.mu.Unlock()
+			return Status{}, err
+		}
+		r = s.runs[name]
+	}
+	s.mu.Unlock()
+	select {
+	case <-r.ready:
+	case <-r.done:
+	case <-time.After(readyTimeout):
+	}
+	return s.VM(name)
+}
+
+// Stop stops the VM's worker, storing its TPM's state, and records that
+// the VM is not to run.
+func (s *Supervisor) Stop(name string) (Status, error) {
+	s.mu.Lock()
+	vm, err := s.getLocked(name)
+	if err != nil {
+		s.mu.Unlock()
+		return Status{}, err
+	}
+	if vm.Running {
+		vm.Running = false
+		if err := s.store.PutVM(vm); err != nil {
+			s.mu.Unlock()
+			return Status{}, err
+		}
+	}
+	r := s.runs[name]
+	s.mu.Unlock()
+	if r != nil {
+		r.shutdown()
+		s.mu.Lock()
+		if s.runs[name] == r {
+			delete(s.runs, name)
+		}
+		s.mu.Unlock()
+		s.log.Info("stopped", "vm", name)
+	}
+	return s.VM(name)
+}
+
+// Delete removes a stopped VM and its state.
+func (s *Supervisor) Delete(name string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	vm, err := s.getLocked(name)
+	if err != nil {
+		return err
+	}
+	if vm.Running || s.runs[name] != nil {
+		return fmt.Errorf("%w: VM %q is running: stop it first", ErrConflict, name)
+	}
+	if err := s.store.DeleteVM(vm); err != nil {
+		return err
+	}
+	if err := s.witness.Remove(vm.ID); err != nil {
+		s.log.Warn("remove the generation witness", "vm", name, "err", err)
+	}
+	s.log.Info("deleted", "vm", name, "id", vm.ID)
+	return nil
+}
+
+// startLocked opens the VM's sockets and starts its run.
+func (s *Supervisor) startLocked(vm *state.VM) error {
+	log := s.log.With("vm", vm.Name)
+	key, err := s.keys.StateKey(context.Background(), vm.ID)
+	if err != nil {
+		return err
+	}
+	var lastGen uint64
+	switch rec, err := s.store.Get(vm.ID); {
+	case err == nil:
+		lastGen = rec.Generation
+	case !errors.Is(err, state.ErrNotFound):
+		return err
+	}
+	r := &vmRun{s: s, vm: *vm, log: log, key: key, lastGen: lastGen, phase: "starting",
+		stop: make(chan struct{}), done: make(chan struct{}), ready: make(chan struct{})}
+	if r.ctrl, err = unixsock.Listen(vm.Ctrl, 0o600, -1, -1); err != nil {
+		return err
+	}
+	if vm.Data != "" {
+		if r.data, err = unixsock.Listen(vm.Data, 0o600, -1, -1); err != nil {
+			r.ctrl.Close()
+			return err
+		}
+		// The swtpm TCTI (swtpm:path=<data socket>) looks for the control
+		// socket at <data socket>.ctrl.
+		link := tctiCtrlLink(vm)
+		if err := os.Remove(link); err == nil || errors.Is(err, os.ErrNotExist) {
+			err = os.Symlink(filepath.Base(vm.Ctrl), link)
+		}
+		if err != nil {
+			log.Warn("no control socket link for the swtpm TCTI", "err", err)
+		}
+	}
+	s.runs[vm.Name] = r
+	go r.loop()
+	return nil
+}
+
+// tctiCtrlLink is where the swtpm TCTI looks for the control socket of a
+// VM with a data socket: a symlink to the control socket.
+func tctiCtrlLink(vm *state.VM) string { return vm.Data + ".ctrl" }
+
+// closeListeners closes whichever of the listeners are set; closing removes
+// their socket files.
+func closeListeners(ls ...*net.UnixListener) {
+	for _, l := range ls {
+		if l != nil {
+			l.Close()
+		}
+	}
+}

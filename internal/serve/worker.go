@@ -1,0 +1,357 @@
+package serve
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"runtime"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/vtpmd/vtpmd/internal/workerproto"
+	"github.com/vtpmd/vtpmd/sealing"
+	"github.com/vtpmd/vtpmd/state"
+)
+
+// Restart delays after a worker died: doubling from minBackoff up to
+// maxBackoff while it keeps dying soon after its start, back to minBackoff
+// once one ran for stableRun. A worker that ended after CMD_SHUTDOWN is
+// replaced at once.
+const (
+	minBackoff = 100 * time.Millisecond
+	maxBackoff = 10 * time.Second
+	stableRun  = 30 * time.Second
+	// stopTimeout bounds a worker's orderly stop before SIGKILL.
+	stopTimeout = 10 * time.Second
+)
+
+// vmRun keeps one VM's worker running, restarting it when it ends, until
+// shutdown. It holds the VM's listening sockets, which every worker of the
+// VM inherits, so the socket paths never change and clients queued on them
+// are served by the next worker.
+type vmRun struct {
+	s          *Supervisor
+	vm         state.VM
+	log        *slog.Logger
+	key        *sealing.Key
+	ctrl, data *net.UnixListener
+
+	stop      chan struct{} // closed by shutdown
+	stopOnce  sync.Once
+	done      chan struct{} // closed when the loop has ended
+	ready     chan struct{} // closed when the first worker serves
+	readyOnce sync.Once
+
+	// lastGen is the newest generation stored: a Put must be newer.
+	// Only the conversation with the current worker touches it.
+	lastGen uint64
+
+	mu       sync.Mutex
+	phase    string
+	pid      int
+	restarts int
+	lastExit string
+}
+
+func (r *vmRun) setPhase(phase string, pid int) {
+	r.mu.Lock()
+	r.phase, r.pid = phase, pid
+	r.mu.Unlock()
+}
+
+func (r *vmRun) stopping() bool {
+	select {
+	case <-r.stop:
+		return true
+	default:
+		return false
+	}
+}
+
+// shutdown stops the worker in order (SIGTERM: it stores the TPM's state
+// and ends), closes the VM's sockets and makes the generation witness
+// durable.
+func (r *vmRun) shutdown() {
+	r.stopOnce.Do(func() {
+		r.setPhase("stopping", r.currentPID())
+		close(r.stop)
+	})
+	<-r.done
+	closeListeners(r.ctrl, r.data)
+	if r.vm.Data != "" {
+		os.Remove(tctiCtrlLink(&r.vm))
+	}
+	if r.lastGen > 0 {
+		if err := r.s.witness.Sync(r.vm.ID, r.lastGen); err != nil {
+			r.log.Warn("sync the generation witness", "err", err)
+		}
+	}
+	r.setPhase("stopped", 0)
+}
+
+func (r *vmRun) currentPID() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.pid
+}
+
+// loop runs workers until shutdown.
+func (r *vmRun) loop() {
+	defer close(r.done)
+	defer r.readyOnce.Do(func() { close(r.ready) })
+	backoff := minBackoff
+	for {
+		started := time.Now()
+		exit, err := r.runWorker()
+		if r.stopping() {
+			return
+		}
+		ran := time.Since(started)
+		delay := backoff
+		switch {
+		case err == nil && exit == 0:
+			delay = 0 // CMD_SHUTDOWN: QEMU is done; be ready for the next one
+		case ran >= stableRun:
+			delay, backoff = minBackoff, minBackoff
+		default:
+			backoff = min(2*backoff, maxBackoff)
+		}
+		how := describeExit(exit, err)
+		r.mu.Lock()
+		r.restarts++
+		r.lastExit = how
+		r.phase, r.pid = "restarting", 0
+		n := r.restarts
+		r.mu.Unlock()
+		if delay == 0 {
+			r.log.Info("worker ended; starting a new one", "exit", how, "restarts", n)
+		} else {
+			r.log.Warn("worker ended; restarting it from the last stored state", "exit", how, "after", ran.Round(time.Millisecond), "delay", delay, "restarts", n)
+		}
+		select {
+		case <-time.After(delay):
+		case <-r.stop:
+			return
+		}
+	}
+}
+
+func describeExit(exit int, err error) string {
+	switch {
+	case err != nil:
+		return err.Error()
+	case exit == 0:
+		return "exit status 0"
+	case exit < 0:
+		return "killed by signal " + syscall.Signal(-exit).String()
+	}
+	return "exit status " + strconv.Itoa(exit)
+}
+
+// runWorker starts one worker, talks to it until it ends, and returns its
+// exit status (negative: the signal that killed it), or an error if it
+// could not start.
+func (r *vmRun) runWorker() (int, error) {
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return 0, fmt.Errorf("socketpair: %w", err)
+	}
+	mine, theirs := os.NewFile(uintptr(fds[0]), "worker channel"), os.NewFile(uintptr(fds[1]), "worker channel")
+	conn, err := net.FileConn(mine)
+	mine.Close()
+	if err != nil {
+		theirs.Close()
+		return 0, err
+	}
+	defer conn.Close()
+	files := []*os.File{theirs}
+	args := []string{"worker", "--vm", r.vm.Name, "--supervisor", strconv.Itoa(os.Getpid()),
+		"--channel-fd", "3", "--ctrl-fd", "4", "--log-level", r.s.cfg.LogLevel}
+	for i, l := range []*net.UnixListener{r.ctrl, r.data} {
+		if l == nil {
+			continue
+		}
+		f, err := l.File()
+		if err != nil {
+			closeFiles(files)
+			return 0, fmt.Errorf("pass the socket on: %w", err)
+		}
+		files = append(files, f)
+		if i == 1 {
+			args = append(args, "--data-fd", "5")
+		}
+	}
+	cmd := exec.Command(r.s.exe, args...)
+	cmd.Env = []string{"GOMAXPROCS=1"}
+	cmd.Stderr = r.s.cfg.WorkerLog
+	cmd.ExtraFiles = files
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	err = r.s.spawn.start(cmd)
+	closeFiles(files)
+	if err != nil {
+		return 0, fmt.Errorf("start worker: %w", err)
+	}
+	pid := cmd.Process.Pid
+	r.setPhase("starting", pid)
+	r.log.Info("worker started", "pid", pid)
+
+	exited := make(chan struct{})
+	go func() {
+		// shutdown: SIGTERM, then SIGKILL if the worker does not end.
+		select {
+		case <-r.stop:
+		case <-exited:
+			return
+		}
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(stopTimeout):
+			r.log.Warn("worker did not stop within the timeout; killing it", "pid", pid, "timeout", stopTimeout)
+			_ = cmd.Process.Kill()
+		}
+	}()
+	if err := r.converse(conn, pid); err != nil {
+		r.log.Error("worker broke the protocol; killing it", "pid", pid, "err", err)
+		_ = cmd.Process.Kill()
+	}
+	err = cmd.Wait()
+	close(exited)
+	var exitErr *exec.ExitError
+	if errors.As(err, &exitErr) {
+		if ws, ok := exitErr.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			return -int(ws.Signal()), nil
+		}
+		return exitErr.ExitCode(), nil
+	}
+	return 0, err
+}
+
+func closeFiles(files []*os.File) {
+	for _, f := range files {
+		f.Close()
+	}
+}
+
+// converse hands the worker its key and then answers its requests until
+// the worker goes. An error is a protocol violation.
+func (r *vmRun) converse(conn net.Conn, pid int) error {
+	secret := r.key.Secret()
+	err := workerproto.WriteMessage(conn, workerproto.Key{VMID: r.vm.ID, KeyID: r.key.ID, Secret: secret})
+	clear(secret)
+	if err != nil {
+		return nil // the worker is already gone; Wait says why
+	}
+	for {
+		m, err := workerproto.ReadMessage(conn)
+		switch {
+		case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, net.ErrClosed), errors.Is(err, syscall.ECONNRESET):
+			return nil
+		case err != nil:
+			return err
+		}
+		var reply workerproto.Message
+		switch m := m.(type) {
+		case workerproto.Ready:
+			r.setPhase("running", pid)
+			r.readyOnce.Do(func() { close(r.ready) })
+			continue
+		case workerproto.Get:
+			reply = r.get(m)
+		case workerproto.Put:
+			reply = r.put(m)
+		default:
+			return fmt.Errorf("unexpected message of type %d", m.Type())
+		}
+		if err := workerproto.WriteMessage(conn, reply); err != nil {
+			return nil
+		}
+	}
+}
+
+// get answers the worker's Get: its own VM's record only.
+func (r *vmRun) get(m workerproto.Get) workerproto.Message {
+	if m.VMID != r.vm.ID {
+		r.log.Error("worker asked for another VM's state; refused", "asked", m.VMID)
+		return workerproto.Error{Message: "not this worker's VM"}
+	}
+	rec, err := r.s.store.Get(r.vm.ID)
+	if errors.Is(err, state.ErrNotFound) {
+		return workerproto.NotFound{}
+	}
+	if err == nil {
+		err = r.s.witness.Check(rec)
+	}
+	if err != nil {
+		r.log.Error("state not loaded", "err", err)
+		return workerproto.Error{Message: err.Error()}
+	}
+	r.lastGen = max(r.lastGen, rec.Generation)
+	return workerproto.Record{Record: rec}
+}
+
+// put commits the worker's sealed record. Concurrent puts of all workers
+// share the store's group commit; the Ack goes out only once the record is
+// durable.
+func (r *vmRun) put(m workerproto.Put) workerproto.Message {
+	rec := m.Record
+	switch {
+	case rec.VMID != r.vm.ID:
+		r.log.Error("worker tried to store another VM's state; refused", "vmid", rec.VMID)
+		return workerproto.Error{Message: "not this worker's VM"}
+	case rec.Generation <= r.lastGen:
+		r.log.Error("worker tried to store an old generation; refused", "generation", rec.Generation, "stored", r.lastGen)
+		return workerproto.Error{Message: fmt.Sprintf("generation %d is not newer than the stored %d", rec.Generation, r.lastGen)}
+	}
+	if err := r.s.store.Put(rec); err != nil {
+		r.log.Error("state not stored", "generation", rec.Generation, "err", err)
+		return workerproto.Error{Message: err.Error()}
+	}
+	r.lastGen = rec.Generation
+	if err := r.s.witness.Record(rec.VMID, rec.Generation); err != nil {
+		r.log.Error("generation witness not recorded", "err", err)
+		return workerproto.Error{Message: err.Error()}
+	}
+	return workerproto.Ack{Generation: rec.Generation}
+}
+
+// spawner starts the workers from one OS thread that it never gives up:
+// PR_SET_PDEATHSIG fires when the thread that forked a child ends, and the
+// thread's no_new_privs, set here and on no other thread of the
+// supervisor, is inherited by every worker from its first instruction.
+type spawner struct{ reqs chan spawnReq }
+
+type spawnReq struct {
+	cmd *exec.Cmd
+	err chan error
+}
+
+func newSpawner() (*spawner, error) {
+	s := &spawner{reqs: make(chan spawnReq)}
+	ready := make(chan error)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread lives as long as the process
+		const prSetNoNewPrivs = 38
+		if _, _, errno := syscall.RawSyscall6(syscall.SYS_PRCTL, prSetNoNewPrivs, 1, 0, 0, 0, 0); errno != 0 {
+			ready <- fmt.Errorf("PR_SET_NO_NEW_PRIVS on the spawning thread: %w", errno)
+			select {} // keep the thread locked and unused
+		}
+		ready <- nil
+		for req := range s.reqs {
+			req.err <- req.cmd.Start()
+		}
+	}()
+	return s, <-ready
+}
+
+func (s *spawner) start(cmd *exec.Cmd) error {
+	req := spawnReq{cmd: cmd, err: make(chan error, 1)}
+	s.reqs <- req
+	return <-req.err
+}

@@ -1,0 +1,255 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/vtpmd/vtpmd/internal/vmstate"
+	"github.com/vtpmd/vtpmd/internal/workerproto"
+	"github.com/vtpmd/vtpmd/sealing"
+	"github.com/vtpmd/vtpmd/state"
+	"github.com/vtpmd/vtpmd/transport"
+	"github.com/vtpmd/vtpmd/vtpm"
+)
+
+// Config is what a worker is started with.
+type Config struct {
+	// Channel is the socketpair to the supervisor.
+	Channel *os.File
+	// Ctrl is the VM's listening control socket.
+	Ctrl *os.File
+	// Data is the VM's listening data socket, or nil.
+	Data *os.File
+	// Log receives the worker's logs; it carries the VM's name.
+	Log *slog.Logger
+}
+
+// ErrSupervisorGone means the socketpair to the supervisor closed.
+var ErrSupervisorGone = errors.New("the supervisor is gone")
+
+// Run serves the VM until ctx ends, CMD_SHUTDOWN, or the supervisor goes.
+func Run(ctx context.Context, c Config) error {
+	log := c.Log
+	ch, err := net.FileConn(c.Channel)
+	c.Channel.Close()
+	if err != nil {
+		return fmt.Errorf("the channel to the supervisor: %w", err)
+	}
+	defer ch.Close()
+	msg, err := workerproto.ReadMessage(ch)
+	if err != nil {
+		return fmt.Errorf("read the VM's key: %w", err)
+	}
+	keyMsg, ok := msg.(workerproto.Key)
+	if !ok {
+		return fmt.Errorf("the supervisor sent a message of type %d before the key", msg.Type())
+	}
+	key, err := sealing.NewKey(keyMsg.KeyID, keyMsg.Secret)
+	clear(keyMsg.Secret)
+	if err != nil {
+		return err
+	}
+	records := newRemote(ch)
+	go records.read()
+	dev, err := vtpm.Open(vtpm.Config{
+		Store:  &vmstate.Sealed{Store: records, Key: key, VMID: keyMsg.VMID},
+		Logger: log,
+	})
+	if err != nil {
+		return err
+	}
+	srv := &transport.Server{TPM: dev, Log: log}
+	var listeners []net.Listener
+	for _, f := range []*os.File{c.Ctrl, c.Data} {
+		if f == nil {
+			continue
+		}
+		l, err := net.FileListener(f)
+		f.Close()
+		if err != nil {
+			dev.Close()
+			return fmt.Errorf("listen on inherited socket: %w", err)
+		}
+		listeners = append(listeners, l)
+	}
+	// Ready goes out before any client is served: afterwards only the
+	// TPM's Store writes to the channel.
+	if err := records.send(workerproto.Ready{}); err != nil {
+		dev.Close()
+		return err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errs := make(chan error, len(listeners))
+	var wg sync.WaitGroup
+	for i, l := range listeners {
+		serve := srv.ServeControl
+		if i == 1 {
+			serve = srv.ServeData
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs <- serve(ctx, l)
+		}()
+	}
+	log.Info("serving", "ctrl", listeners[0].Addr(), "engine", vtpm.EngineVersion)
+	var runErr error
+	select {
+	case <-ctx.Done():
+		log.Info("stopping on signal")
+	case <-srv.Done():
+	case <-records.closed:
+		// Nothing can be stored any more: end without touching the TPM.
+		log.Error("the supervisor is gone; ending")
+		return ErrSupervisorGone
+	case runErr = <-errs:
+		log.Error("serving failed", "err", runErr)
+	}
+	cancel()
+	waited := make(chan struct{})
+	go func() { wg.Wait(); close(waited) }()
+	select {
+	case <-waited:
+	case <-time.After(5 * time.Second):
+		log.Warn("clients did not let go within 5 s")
+	}
+	if err := dev.Close(); err != nil {
+		log.Error("TPM state not stored at exit", "err", err)
+		return errors.Join(runErr, err)
+	}
+	return runErr
+}
+
+// remote is the record store of a worker: the supervisor, asked over the
+// socketpair. It implements vmstate.Records.
+type remote struct {
+	w       io.Writer
+	r       io.Reader
+	mu      sync.Mutex // one request at a time
+	replies chan workerproto.Message
+	closed  chan struct{}
+	readErr error
+}
+
+func newRemote(ch net.Conn) *remote {
+	return &remote{w: ch, r: ch, replies: make(chan workerproto.Message, 1), closed: make(chan struct{})}
+}
+
+// read passes the supervisor's replies on until the channel closes.
+func (r *remote) read() {
+	defer close(r.closed)
+	for {
+		m, err := workerproto.ReadMessage(r.r)
+		if err != nil {
+			r.readErr = err
+			return
+		}
+		select {
+		case r.replies <- m:
+		default:
+			r.readErr = fmt.Errorf("the supervisor sent an unasked message of type %d", m.Type())
+			return
+		}
+	}
+}
+
+func (r *remote) send(m workerproto.Message) error {
+	if err := workerproto.WriteMessage(r.w, m); err != nil {
+		return fmt.Errorf("%w: %v", ErrSupervisorGone, err)
+	}
+	return nil
+}
+
+func (r *remote) call(req workerproto.Message) (workerproto.Message, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if err := r.send(req); err != nil {
+		return nil, err
+	}
+	select {
+	case m := <-r.replies:
+		if e, ok := m.(workerproto.Error); ok {
+			return nil, fmt.Errorf("supervisor: %s", e.Message)
+		}
+		return m, nil
+	case <-r.closed:
+		return nil, fmt.Errorf("%w: %v", ErrSupervisorGone, r.readErr)
+	}
+}
+
+// Get asks the supervisor for the VM's record.
+func (r *remote) Get(vmID string) (*state.Record, error) {
+	m, err := r.call(workerproto.Get{VMID: vmID})
+	if err != nil {
+		return nil, err
+	}
+	switch m := m.(type) {
+	case workerproto.Record:
+		return m.Record, nil
+	case workerproto.NotFound:
+		return nil, fmt.Errorf("VM %q: %w", vmID, state.ErrNotFound)
+	}
+	return nil, fmt.Errorf("the supervisor answered Get with a message of type %d", m.Type())
+}
+
+// Put sends the sealed record to the supervisor and returns once it is
+// durably stored.
+func (r *remote) Put(rec *state.Record) error {
+	m, err := r.call(workerproto.Put{Record: rec})
+	if err != nil {
+		return err
+	}
+	if ack, ok := m.(workerproto.Ack); !ok || ack.Generation != rec.Generation {
+		return fmt.Errorf("the supervisor answered Put of generation %d with %#v", rec.Generation, m)
+	}
+	return nil
+}
+
+// Harden makes the worker undumpable and without core dumps (it holds the
+// VM's key), makes sure it dies with the supervisor, and checks that
+// no_new_privs is in force and the supervisor, supervisorPID, is still its
+// parent (it may have died before the death signal was armed).
+func Harden(supervisorPID int) error {
+	const (
+		prSetPdeathsig  = 1
+		prSetDumpable   = 4
+		prSetNoNewPrivs = 38
+		prGetNoNewPrivs = 39
+	)
+	prctl := func(op, arg uintptr) (uintptr, error) {
+		r, _, errno := syscall.RawSyscall6(syscall.SYS_PRCTL, op, arg, 0, 0, 0, 0)
+		if errno != 0 {
+			return 0, errno
+		}
+		return r, nil
+	}
+	if _, err := prctl(prSetPdeathsig, uintptr(syscall.SIGKILL)); err != nil {
+		return fmt.Errorf("PR_SET_PDEATHSIG: %w", err)
+	}
+	if os.Getppid() != supervisorPID {
+		return ErrSupervisorGone
+	}
+	if _, err := prctl(prSetDumpable, 0); err != nil {
+		return fmt.Errorf("PR_SET_DUMPABLE: %w", err)
+	}
+	if err := syscall.Setrlimit(syscall.RLIMIT_CORE, &syscall.Rlimit{}); err != nil {
+		return fmt.Errorf("RLIMIT_CORE: %w", err)
+	}
+	if on, err := prctl(prGetNoNewPrivs, 0); err != nil || on != 1 {
+		// Inherited from the supervisor's spawning thread; set it here
+		// too (on this thread) if it was not.
+		if _, err := prctl(prSetNoNewPrivs, 1); err != nil {
+			return fmt.Errorf("PR_SET_NO_NEW_PRIVS: %w", err)
+		}
+	}
+	return nil
+}
