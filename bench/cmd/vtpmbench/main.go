@@ -13,6 +13,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -64,10 +65,14 @@ func run() error {
 		echo     = flag.Bool("echo", true, "measure the echo floor")
 		engine   = flag.Bool("engine", true, "measure the engine floor in process")
 		quiet    = flag.Bool("quiet", false, "no progress line on stderr")
+		from     = flag.String("from", "", "run nothing: render the results.json of an earlier run again into -out")
 	)
 	flag.Parse()
 	if flag.NArg() > 0 {
 		return fmt.Errorf("unexpected arguments %q", flag.Args())
+	}
+	if *from != "" {
+		return rerender(*from, *out)
 	}
 
 	cfg := driver.Config{
@@ -146,6 +151,22 @@ func run() error {
 	}
 	fmt.Fprintf(os.Stderr, "vtpmbench: wrote %s\n", filepath.Join(*out, "results.{md,svg,json}"))
 	return runErr
+}
+
+// rerender writes the report of an earlier run's JSON again.
+func rerender(path, out string) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	var rep report.Report
+	if err := json.Unmarshal(b, &rep); err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	if err := rep.Text(os.Stdout); err != nil {
+		return err
+	}
+	return write(out, &rep)
 }
 
 // write puts the markdown, SVG and JSON results into dir.

@@ -18,7 +18,7 @@ const (
 	columns        = 3
 	plotLeft       = 58
 	plotRight      = 14
-	plotTop        = 30
+	plotTop        = 40
 	plotBottom     = 36
 	chartTop       = 64
 )
@@ -77,7 +77,8 @@ func (r *Report) panel(b *strings.Builder, op Op, ox, oy int) {
 	yAt := func(v float64) float64 { return py0 + ph - ph*v/top }
 
 	fmt.Fprintf(b, `<g>`+"\n")
-	fmt.Fprintf(b, `<text x="%d" y="%d" font-size="12" font-weight="bold">%s</text>`+"\n", ox+plotLeft, oy+plotTop-10, html.EscapeString(op.Name+": "+op.Title))
+	fmt.Fprintf(b, `<text x="%d" y="%d" font-size="12" font-weight="bold">%s</text>`+"\n", ox+plotLeft, oy+plotTop-22, html.EscapeString(op.Name))
+	fmt.Fprintf(b, `<text x="%d" y="%d" font-size="10" fill="#555">%s</text>`+"\n", ox+plotLeft, oy+plotTop-8, html.EscapeString(op.Title))
 	// Grid and y labels.
 	for v := 0.0; v <= top*1.0001; v += step {
 		y := yAt(v)

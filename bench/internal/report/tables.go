@@ -157,6 +157,15 @@ func (r *Report) loadTable() table {
 // Headline is the geometric mean of the throughput ratios of every
 // operation at vms VMs (0: over all cells), and the number of ratios.
 func (r *Report) Headline(vms int) (float64, int) {
+	return r.geomean(vms, func(c Cell) float64 { return c.OpsPerSec })
+}
+
+// CPUHeadline is the geometric mean of the CPU-per-operation ratios.
+func (r *Report) CPUHeadline(vms int) (float64, int) {
+	return r.geomean(vms, func(c Cell) float64 { return c.CPUPer1000 })
+}
+
+func (r *Report) geomean(vms int, metric func(Cell) float64) (float64, int) {
 	sum, n := 0.0, 0
 	for _, op := range r.Ops {
 		for _, v := range r.Settings.VMs {
@@ -164,7 +173,7 @@ func (r *Report) Headline(vms int) (float64, int) {
 				continue
 			}
 			s, b, okS, okB := r.pair(op.Name, v)
-			if q := ratio(s.OpsPerSec, b.OpsPerSec); okS && okB && !math.IsNaN(q) && q > 0 {
+			if q := ratio(metric(s), metric(b)); okS && okB && !math.IsNaN(q) && q > 0 {
 				sum += math.Log(q)
 				n++
 			}
@@ -179,17 +188,20 @@ func (r *Report) Headline(vms int) (float64, int) {
 func (r *Report) headlineTable() table {
 	sub := r.Subject()
 	t := table{
-		title:  fmt.Sprintf("Headline: %s/%s throughput ratio, geometric mean over the operations", sub, Baseline),
-		header: []string{"VMs", "ops/s ratio"},
+		title:  fmt.Sprintf("Headline: %s/%s ratios, geometric mean over the operations", sub, Baseline),
+		header: []string{"VMs", "ops/s ratio (>1: " + sub + " faster)", "CPU per op ratio (<1: " + sub + " cheaper)"},
 	}
-	for _, n := range r.Settings.VMs {
-		if q, k := r.Headline(n); k > 0 {
-			t.rows = append(t.rows, []string{strconv.Itoa(n), fmtRatio(q)})
+	row := func(label string, vms int) {
+		q, k := r.Headline(vms)
+		c, _ := r.CPUHeadline(vms)
+		if k > 0 {
+			t.rows = append(t.rows, []string{label, fmtRatio(q), fmtRatio(c)})
 		}
 	}
-	if q, k := r.Headline(0); k > 0 {
-		t.rows = append(t.rows, []string{"all", fmtRatio(q)})
+	for _, n := range r.Settings.VMs {
+		row(strconv.Itoa(n), n)
 	}
+	row("all", 0)
 	return t
 }
 
