@@ -81,6 +81,13 @@ func successSize(c Command) int {
 	return 4
 }
 
+// ReplyHeaderSize is the size of the fixed part of a successful reply to a
+// request with code c, what a client reads before DecodeReply. A GET_INFO or
+// GET_STATEBLOB reply carries as many data bytes after it as it announces; a
+// failure is the 4-byte result, except for GET_STATEBLOB refused by its
+// handler, which keeps its 16-byte header.
+func ReplyHeaderSize(c Command) int { return successSize(c) }
+
 // DecodeReply decodes the reply to a request with code c. A reply with a
 // non-zero result decodes as ResultReply; for GET_STATEBLOB only when it is
 // the bare 4-byte result of a request refused before the handler (TPM not

@@ -3,6 +3,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -16,6 +17,11 @@ const version = "0.1.0"
 
 func main() {
 	if err := run(os.Args, os.Stdout); err != nil {
+		var code exitCode
+		if errors.As(err, &code) {
+			// The command printed its own messages.
+			os.Exit(int(code))
+		}
 		fmt.Fprintln(os.Stderr, "vtpmd:", err)
 		os.Exit(1)
 	}
@@ -24,8 +30,15 @@ func main() {
 // run dispatches on the command. Installed under swtpm's name, vtpmd takes
 // swtpm's command line.
 func run(args []string, stdout io.Writer) error {
-	if filepath.Base(args[0]) == "swtpm" && len(args) > 1 && args[1] == "socket" {
-		return runSocket(args[2:], stdout)
+	switch filepath.Base(args[0]) {
+	case "swtpm":
+		if len(args) > 1 && args[1] == "socket" {
+			return runSocket(args[2:], stdout)
+		}
+	case "swtpm_setup":
+		return runSetup(args[1:], stdout)
+	case "swtpm_ioctl":
+		return runIoctlTool(args[1:], os.Stdin, stdout, os.Stderr)
 	}
 	if len(args) < 2 {
 		fmt.Fprint(stdout, usage)
@@ -36,6 +49,10 @@ func run(args []string, stdout io.Writer) error {
 		return runSocket(args[2:], stdout)
 	case "qemu":
 		return runQEMU(args[2:], stdout)
+	case "setup":
+		return runSetup(args[2:], stdout)
+	case "ioctl":
+		return runIoctlTool(args[2:], os.Stdin, stdout, os.Stderr)
 	case "serve":
 		return runServe(args[2:], stdout)
 	case "ctl":
@@ -59,6 +76,10 @@ const usage = `Usage: vtpmd <command> [options]
 Commands:
   socket     serve one TPM 2.0 over swtpm's control and data channels
              (the command line of 'swtpm socket'; see 'vtpmd socket --help')
+  setup      provision a new TPM 2.0: EKs, certificates, PCR banks
+             (the command line of 'swtpm_setup'; see 'vtpmd setup --help')
+  ioctl      send one control command to a served TPM
+             (the command line of 'swtpm_ioctl'; see 'vtpmd ioctl --help')
   qemu [name]
              serve one TPM with the default layout and print the QEMU
              arguments that use it
@@ -67,7 +88,8 @@ Commands:
   ctl        the admin client of 'vtpmd serve' (see 'vtpmd ctl --help')
   --version  print the version
 
-Installed as 'swtpm', vtpmd takes swtpm's command line.
+Installed as 'swtpm', 'swtpm_setup' or 'swtpm_ioctl', vtpmd takes their
+command lines.
 `
 
 const socketUsage = `Usage: vtpmd socket --tpm2 [options]
