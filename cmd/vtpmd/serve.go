@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"text/tabwriter"
 
@@ -182,6 +183,10 @@ func runWorker(args []string) error {
 	return nil
 }
 
+// ctlParallel is how many requests `vtpmd ctl` has in flight for a
+// command on several VMs.
+const ctlParallel = 8
+
 // runCtl is `vtpmd ctl`, the client of the admin API.
 func runCtl(args []string, stdout io.Writer) error {
 	_, runDir := defaultDirs()
@@ -255,24 +260,38 @@ func runCtl(args []string, stdout io.Writer) error {
 	if len(names) == 0 {
 		return fmt.Errorf("ctl: %s needs at least one name", cmd)
 	}
+	// The names are handled a few at a time (starts wait for their
+	// workers), and reported in order.
+	sts := make([]serve.Status, len(names))
+	errs := make([]error, len(names))
+	sem := make(chan struct{}, ctlParallel)
+	var wg sync.WaitGroup
+	for i, name := range names {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			var err error
+			switch cmd {
+			case "create":
+				sts[i], err = c.Create(serve.CreateRequest{Name: name, Data: data})
+			case "start":
+				sts[i], err = c.Start(name)
+			case "stop":
+				sts[i], err = c.Stop(name)
+			case "delete":
+				err = c.Delete(name)
+				sts[i] = serve.Status{Name: name, State: "deleted"}
+			}
+			if err != nil {
+				errs[i] = fmt.Errorf("ctl %s %s: %w", cmd, name, err)
+			}
+		}()
+	}
+	wg.Wait()
 	var out []serve.Status
-	var errs []error
-	for _, name := range names {
-		var st serve.Status
-		var err error
-		switch cmd {
-		case "create":
-			st, err = c.Create(serve.CreateRequest{Name: name, Data: data})
-		case "start":
-			st, err = c.Start(name)
-		case "stop":
-			st, err = c.Stop(name)
-		case "delete":
-			err = c.Delete(name)
-			st = serve.Status{Name: name, State: "deleted"}
-		}
-		if err != nil {
-			errs = append(errs, fmt.Errorf("ctl %s %s: %w", cmd, name, err))
+	for i, st := range sts {
+		if errs[i] != nil {
 			continue
 		}
 		out = append(out, st)

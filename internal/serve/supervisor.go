@@ -42,8 +42,37 @@ type Supervisor struct {
 	spawn   *spawner
 	exe     string
 
-	mu   sync.Mutex // registry changes, and runs
-	runs map[string]*vmRun
+	mu    sync.Mutex // runs and names
+	runs  map[string]*vmRun
+	names map[string]*nameLock
+}
+
+// nameLock serialises the operations on one VM; operations on different
+// VMs run at once, so that their registry writes share an fsync.
+type nameLock struct {
+	mu    sync.Mutex
+	users int
+}
+
+// lockName takes the VM's operation lock and returns its release.
+func (s *Supervisor) lockName(name string) func() {
+	s.mu.Lock()
+	l := s.names[name]
+	if l == nil {
+		l = &nameLock{}
+		s.names[name] = l
+	}
+	l.users++
+	s.mu.Unlock()
+	l.mu.Lock()
+	return func() {
+		l.mu.Unlock()
+		s.mu.Lock()
+		if l.users--; l.users == 0 {
+			delete(s.names, name)
+		}
+		s.mu.Unlock()
+	}
 }
 
 // Open opens the state store (whose lock keeps a second supervisor off it)
@@ -91,6 +120,7 @@ func Open(cfg Config) (*Supervisor, error) {
 		spawn:   spawn,
 		exe:     exe,
 		runs:    map[string]*vmRun{},
+		names:   map[string]*nameLock{},
 	}, nil
 }
 
@@ -150,14 +180,12 @@ func (s *Supervisor) startWanted() {
 	if err != nil {
 		s.log.Error("list VMs", "err", err)
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	for _, e := range entries {
 		switch {
 		case e.Err != nil:
 			s.log.Error("registry entry does not parse; left alone", "vm", e.Name, "err", e.Err)
 		case e.VM.Running:
-			if err := s.startLocked(e.VM); err != nil {
+			if err := s.startRun(e.VM); err != nil {
 				s.log.Error("restart VM", "vm", e.Name, "err", err)
 			}
 		}
@@ -239,8 +267,7 @@ func (s *Supervisor) Create(req CreateRequest) (Status, error) {
 	if len(vm.Ctrl) > maxSocketPath {
 		return Status{}, fmt.Errorf("%w: the socket path %s is longer than %d bytes: use a shorter name or run dir", ErrBadRequest, vm.Ctrl, maxSocketPath)
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	defer s.lockName(req.Name)()
 	_, err := s.store.GetVM(req.Name)
 	switch {
 	case err == nil:
@@ -254,12 +281,26 @@ func (s *Supervisor) Create(req CreateRequest) (Status, error) {
 		return Status{}, err
 	}
 	s.log.Info("created", "vm", vm.Name, "id", vm.ID, "ctrl", vm.Ctrl)
-	return s.statusLocked(vm), nil
+	return s.status(vm), nil
 }
 
-// getLocked reads the VM's registry entry, mapping a missing one to
+// status reports the VM.
+func (s *Supervisor) status(vm *state.VM) Status {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.statusLocked(vm)
+}
+
+// run is the VM's run, nil if it has none.
+func (s *Supervisor) run(name string) *vmRun {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.runs[name]
+}
+
+// get reads the VM's registry entry, mapping a missing one to
 // ErrUnknownVM.
-func (s *Supervisor) getLocked(name string) (*state.VM, error) {
+func (s *Supervisor) get(name string) (*state.VM, error) {
 	if err := ValidName(name); err != nil {
 		return nil, err
 	}
@@ -272,13 +313,11 @@ func (s *Supervisor) getLocked(name string) (*state.VM, error) {
 
 // VM reports one VM.
 func (s *Supervisor) VM(name string) (Status, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	vm, err := s.getLocked(name)
+	vm, err := s.get(name)
 	if err != nil {
 		return Status{}, err
 	}
-	return s.statusLocked(vm), nil
+	return s.status(vm), nil
 }
 
 // List reports every VM, by name.
@@ -307,32 +346,29 @@ const readyTimeout = 20 * time.Second
 // Start starts the VM's worker, records that the VM is to run, and
 // returns once the worker serves. Starting a running VM does nothing.
 func (s *Supervisor) Start(name string) (Status, error) {
-	s.mu.Lock()
-	vm, err := s.getLocked(name)
+	unlock := s.lockName(name)
+	vm, err := s.get(name)
 	if err != nil {
-		s.mu.Unlock()
+		unlock()
 		return Status{}, err
 	}
-	r := s.runs[name]
-	switch {
-	case r != nil && r.stopping():
-		s.mu.Unlock()
-		return Status{}, fmt.Errorf("%w: VM %q is stopping; start it again once it has stopped", ErrConflict, name)
-	case r == nil:
+	r := s.run(name)
+	if r == nil {
 		vm.Running = true
-		if err := s.store.PutVM(vm); err != nil {
-			s.mu.Unlock()
+		err = s.store.PutVM(vm)
+		if err == nil {
+			if err = s.startRun(vm); err != nil {
+				vm.Running = false
+				err = errors.Join(err, s.store.PutVM(vm))
+			}
+		}
+		if err != nil {
+			unlock()
 			return Status{}, err
 		}
-		if err := s.startLocked(vm); err != nil {
-			vm.Running = false
-			err = errors.Join(err, s.store.PutVM(vm))
-			s.mu.Unlock()
-			return Status{}, err
-		}
-		r = s.runs[name]
+		r = s.run(name)
 	}
-	s.mu.Unlock()
+	unlock()
 	select {
 	case <-r.ready:
 	case <-r.done:
@@ -344,42 +380,35 @@ func (s *Supervisor) Start(name string) (Status, error) {
 // Stop stops the VM's worker, storing its TPM's state, and records that
 // the VM is not to run.
 func (s *Supervisor) Stop(name string) (Status, error) {
-	s.mu.Lock()
-	vm, err := s.getLocked(name)
+	defer s.lockName(name)()
+	vm, err := s.get(name)
 	if err != nil {
-		s.mu.Unlock()
 		return Status{}, err
 	}
 	if vm.Running {
 		vm.Running = false
 		if err := s.store.PutVM(vm); err != nil {
-			s.mu.Unlock()
 			return Status{}, err
 		}
 	}
-	r := s.runs[name]
-	s.mu.Unlock()
-	if r != nil {
+	if r := s.run(name); r != nil {
 		r.shutdown()
 		s.mu.Lock()
-		if s.runs[name] == r {
-			delete(s.runs, name)
-		}
+		delete(s.runs, name)
 		s.mu.Unlock()
 		s.log.Info("stopped", "vm", name)
 	}
-	return s.VM(name)
+	return s.status(vm), nil
 }
 
 // Delete removes a stopped VM and its state.
 func (s *Supervisor) Delete(name string) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	vm, err := s.getLocked(name)
+	defer s.lockName(name)()
+	vm, err := s.get(name)
 	if err != nil {
 		return err
 	}
-	if vm.Running || s.runs[name] != nil {
+	if vm.Running || s.run(name) != nil {
 		return fmt.Errorf("%w: VM %q is running: stop it first", ErrConflict, name)
 	}
 	if err := s.store.DeleteVM(vm); err != nil {
@@ -392,8 +421,8 @@ func (s *Supervisor) Delete(name string) error {
 	return nil
 }
 
-// startLocked opens the VM's sockets and starts its run.
-func (s *Supervisor) startLocked(vm *state.VM) error {
+// startRun opens the VM's sockets and starts its run.
+func (s *Supervisor) startRun(vm *state.VM) error {
 	log := s.log.With("vm", vm.Name)
 	key, err := s.keys.StateKey(context.Background(), vm.ID)
 	if err != nil {
@@ -419,14 +448,17 @@ func (s *Supervisor) startLocked(vm *state.VM) error {
 		// The swtpm TCTI (swtpm:path=<data socket>) looks for the control
 		// socket at <data socket>.ctrl.
 		link := tctiCtrlLink(vm)
-		if err := os.Remove(link); err == nil || errors.Is(err, os.ErrNotExist) {
+		err := os.Remove(link)
+		if err == nil || errors.Is(err, os.ErrNotExist) {
 			err = os.Symlink(filepath.Base(vm.Ctrl), link)
 		}
 		if err != nil {
 			log.Warn("no control socket link for the swtpm TCTI", "err", err)
 		}
 	}
+	s.mu.Lock()
 	s.runs[vm.Name] = r
+	s.mu.Unlock()
 	go r.loop()
 	return nil
 }

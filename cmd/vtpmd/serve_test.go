@@ -1,0 +1,554 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/go-tpm/tpm2"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vtpmd/vtpmd/internal/serve"
+	"github.com/vtpmd/vtpmd/transport"
+)
+
+// End-to-end tests of `vtpmd serve`: a supervisor, its workers and `vtpmd
+// ctl` as real processes, driven the way QEMU and the swtpm TCTI drive a
+// TPM (CMD_INIT on the control socket, TPM commands on the data socket).
+
+// serveTPM is a running `vtpmd serve` with its state and sockets in dir.
+type serveTPM struct {
+	*daemon
+	dir, state, run, admin string
+}
+
+// startServe starts `vtpmd serve` on dir (a new short directory if "").
+func startServe(t *testing.T, dir string) *serveTPM {
+	t.Helper()
+	if testingPeer() {
+		t.Skip("swtpm has no serve mode")
+	}
+	if dir == "" {
+		dir = sockDir(t)
+	}
+	s := &serveTPM{dir: dir, state: filepath.Join(dir, "state"), run: filepath.Join(dir, "run")}
+	s.admin = filepath.Join(s.run, "admin.sock")
+	// A killed supervisor leaves its admin socket file behind: wait for a
+	// connection, not for the file.
+	s.daemon = startDaemon(t, []string{"serve", "--state-dir", s.state, "--run-dir", s.run})
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c, err := net.Dial("unix", s.admin)
+		if err == nil {
+			c.Close()
+			return s
+		}
+		select {
+		case <-s.done:
+			t.Fatalf("vtpmd serve exited: %v\n%s", s.err, s.stderr.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("vtpmd serve did not listen on %s within 10 s: %v\n%s", s.admin, err, s.stderr.String())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// ctl runs `vtpmd ctl --admin <socket> args...` and returns its stdout and
+// stderr, and its error.
+func (s *serveTPM) ctl(t *testing.T, args ...string) (string, string, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, daemonPath, append([]string{"ctl", "--admin", s.admin}, args...)...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	return stdout.String(), stderr.String(), err
+}
+
+// ctlOK runs ctl, which must succeed, and returns its stdout.
+func (s *serveTPM) ctlOK(t *testing.T, args ...string) string {
+	t.Helper()
+	stdout, stderr, err := s.ctl(t, args...)
+	require.NoError(t, err, "vtpmd ctl %s\n%s%s\nsupervisor:\n%s", strings.Join(args, " "), stdout, stderr, s.stderr.String())
+	return stdout
+}
+
+// status reads one VM's status with `ctl status --json`.
+func (s *serveTPM) status(t *testing.T, name string) serve.Status {
+	t.Helper()
+	var st serve.Status
+	require.NoError(t, json.Unmarshal([]byte(s.ctlOK(t, "--json", "status", name)), &st))
+	return st
+}
+
+// api sends one request to the admin API directly and returns the status
+// code and body.
+func (s *serveTPM) api(t *testing.T, method, path, body string) (int, string) {
+	t.Helper()
+	c := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "unix", s.admin)
+		},
+	}}
+	var r io.Reader
+	if body != "" {
+		r = strings.NewReader(body)
+	}
+	req, err := http.NewRequest(method, "http://vtpmd"+path, r)
+	require.NoError(t, err)
+	resp, err := c.Do(req)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	require.NoError(t, err)
+	return resp.StatusCode, string(b)
+}
+
+// vmClient drives one VM's TPM as a guest would, and reports errors
+// instead of failing the test, so that it can run in a goroutine.
+type vmClient struct {
+	name, ctrl, data string
+	conn             net.Conn
+	tpm              connTPM
+	// acked is the value of the last acknowledged NV_Write; inFlight the
+	// value of a write whose response never came (0 for none).
+	acked, inFlight uint64
+	writes          atomic.Int64
+	reconnects      int
+}
+
+const serveNVIndex tpm2.TPMHandle = 0x01500200
+
+// ctrlInit sends CMD_INIT on a new control connection.
+func ctrlInit(path string) error {
+	c, err := net.DialTimeout("unix", path, 5*time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if err := c.SetDeadline(time.Now().Add(30 * time.Second)); err != nil {
+		return err
+	}
+	if _, err := c.Write(transport.InitRequest{}.Marshal()); err != nil {
+		return err
+	}
+	reply := make([]byte, 4)
+	if _, err := io.ReadFull(c, reply); err != nil {
+		return fmt.Errorf("CMD_INIT reply: %w", err)
+	}
+	if r := binary.BigEndian.Uint32(reply); r != 0 {
+		return fmt.Errorf("CMD_INIT: result %#x", r)
+	}
+	return nil
+}
+
+// connect powers the TPM on (CMD_INIT), connects to its data socket and
+// sends TPM2_Startup(CLEAR). It retries while the sockets refuse, for a
+// worker that is being restarted.
+func (c *vmClient) connect() error {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		err := ctrlInit(c.ctrl)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s: power on: %w", c.name, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	conn, err := net.DialTimeout("unix", c.data, 5*time.Second)
+	if err != nil {
+		return fmt.Errorf("%s: %w", c.name, err)
+	}
+	if err := conn.SetDeadline(time.Now().Add(120 * time.Second)); err != nil {
+		return err
+	}
+	c.conn, c.tpm = conn, connTPM{conn}
+	if _, err := (tpm2.Startup{StartupType: tpm2.TPMSUClear}).Execute(c.tpm); err != nil {
+		return fmt.Errorf("%s: TPM2_Startup: %w", c.name, err)
+	}
+	return nil
+}
+
+// setup runs GetRandom and defines the client's NV index.
+func (c *vmClient) setup() error {
+	rnd, err := tpm2.GetRandom{BytesRequested: 16}.Execute(c.tpm)
+	if err != nil {
+		return fmt.Errorf("%s: GetRandom: %w", c.name, err)
+	}
+	if len(rnd.RandomBytes.Buffer) != 16 || bytes.Equal(rnd.RandomBytes.Buffer, make([]byte, 16)) {
+		return fmt.Errorf("%s: GetRandom gave %x", c.name, rnd.RandomBytes.Buffer)
+	}
+	_, err = tpm2.NVDefineSpace{
+		AuthHandle: tpm2.TPMRHOwner,
+		PublicInfo: tpm2.New2B(tpm2.TPMSNVPublic{
+			NVIndex:    serveNVIndex,
+			NameAlg:    tpm2.TPMAlgSHA256,
+			Attributes: tpm2.TPMANV{OwnerWrite: true, OwnerRead: true, NoDA: true, NT: tpm2.TPMNTOrdinary},
+			DataSize:   8,
+		}),
+	}.Execute(c.tpm)
+	if err != nil {
+		return fmt.Errorf("%s: NV_DefineSpace: %w", c.name, err)
+	}
+	return nil
+}
+
+// round writes the next value and reads it back.
+func (c *vmClient) round() error {
+	v := c.acked + 1
+	c.inFlight = v
+	_, err := tpm2.NVWrite{AuthHandle: tpm2.TPMRHOwner, NVIndex: nvNamed(serveNVIndex),
+		Data: tpm2.TPM2BMaxNVBuffer{Buffer: binary.BigEndian.AppendUint64(nil, v)}}.Execute(c.tpm)
+	if err != nil {
+		return err
+	}
+	c.acked, c.inFlight = v, 0
+	c.writes.Add(1)
+	got, err := readNV64(c.tpm, serveNVIndex)
+	if err != nil {
+		return err
+	}
+	if got != v {
+		return fmt.Errorf("%s: NV_Read gave %d after writing %d", c.name, got, v)
+	}
+	return nil
+}
+
+// recover reconnects after the worker died and checks that the TPM holds
+// the last acknowledged value (or the one in flight at the kill).
+func (c *vmClient) recover() error {
+	c.conn.Close()
+	c.reconnects++
+	if err := c.connect(); err != nil {
+		return err
+	}
+	got, err := readNV64(c.tpm, serveNVIndex)
+	if err != nil {
+		return fmt.Errorf("%s: read after restart: %w", c.name, err)
+	}
+	if got != c.acked && (c.inFlight == 0 || got != c.inFlight) {
+		return fmt.Errorf("%s: after the restart the index holds %d; acknowledged %d, in flight %d", c.name, got, c.acked, c.inFlight)
+	}
+	c.acked, c.inFlight = got, 0
+	return nil
+}
+
+// run connects, sets up and runs rounds; a link failure is an error unless
+// mayDie says the worker may have been killed, when the client recovers.
+func (c *vmClient) run(rounds int, mayDie func() bool) error {
+	if err := c.connect(); err != nil {
+		return err
+	}
+	if err := c.setup(); err != nil {
+		return err
+	}
+	for i := 0; i < rounds; i++ {
+		err := c.round()
+		if err != nil && isLinkError(err) && mayDie() {
+			if err := c.recover(); err != nil {
+				return err
+			}
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("%s: round %d: %w", c.name, i, err)
+		}
+	}
+	return c.conn.Close()
+}
+
+// vmNames are n VM names.
+func vmNames(n int) []string {
+	names := make([]string, n)
+	for i := range names {
+		names[i] = fmt.Sprintf("vm%03d", i)
+	}
+	return names
+}
+
+func (s *serveTPM) list(t *testing.T) []serve.Status {
+	t.Helper()
+	var list []serve.Status
+	require.NoError(t, json.Unmarshal([]byte(s.ctlOK(t, "--json", "list")), &list))
+	return list
+}
+
+// 100 VM TPMs, created and started with `vtpmd ctl`, each driven by its own
+// client at once over its control and data sockets, while `ctl list`
+// keeps answering; one worker is SIGKILLed during the load: the other 99
+// clients see nothing, and the killed VM's client finds its TPM back with
+// every acknowledged write.
+func TestServeManyVMs(t *testing.T) {
+	const (
+		vms         = 100
+		rounds      = 15
+		listBound   = 5 * time.Second
+		victimIndex = 42
+	)
+	start := time.Now()
+	s := startServe(t, "")
+	names := vmNames(vms)
+	out := s.ctlOK(t, append([]string{"create", "--data"}, names...)...)
+	require.Contains(t, out, "-chardev socket,id=chrtpm,path="+filepath.Join(s.run, "vm000.ctrl")+" -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-crb,tpmdev=tpm0")
+	created := time.Now()
+	s.ctlOK(t, append([]string{"start"}, names...)...)
+	started := time.Now()
+	list := s.list(t)
+	require.Len(t, list, vms)
+	pids := map[int]string{}
+	for _, st := range list {
+		require.Equal(t, "running", st.Desired, st.Name)
+		require.Equal(t, "running", st.State, st.Name)
+		require.NotZero(t, st.PID, st.Name)
+		pids[st.PID] = st.Name
+	}
+	require.Len(t, pids, vms, "one worker process per VM")
+
+	victim := names[victimIndex]
+	var killed atomic.Bool
+	clients := make([]*vmClient, vms)
+	errs := make([]error, vms)
+	var wg sync.WaitGroup
+	for i, name := range names {
+		c := &vmClient{name: name, ctrl: filepath.Join(s.run, name+".ctrl"), data: filepath.Join(s.run, name+".data")}
+		clients[i] = c
+		mayDie := func() bool { return i == victimIndex && killed.Load() }
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = c.run(rounds, mayDie)
+		}()
+	}
+	loadDone := make(chan struct{})
+	go func() { wg.Wait(); close(loadDone) }()
+
+	// ctl list, over and over, while the clients run.
+	var listTimes []time.Duration
+	var listErr error
+	listDone := make(chan struct{})
+	go func() {
+		defer close(listDone)
+		for {
+			select {
+			case <-loadDone:
+				return
+			case <-time.After(200 * time.Millisecond):
+			}
+			t0 := time.Now()
+			stdout, stderr, err := s.ctl(t, "list")
+			listTimes = append(listTimes, time.Since(t0))
+			if err != nil || strings.Count(stdout, "\n") != vms+1 {
+				listErr = fmt.Errorf("ctl list: %v\n%s%s", err, stdout, stderr)
+				return
+			}
+		}
+	}()
+
+	// Kill the victim's worker once its client is well into its rounds.
+	v := clients[victimIndex]
+	for v.writes.Load() < 3 {
+		select {
+		case <-loadDone:
+			t.Fatalf("the load ended before the kill: %v", errors.Join(errs...))
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	st := s.status(t, victim)
+	killed.Store(true)
+	require.NoError(t, syscall.Kill(st.PID, syscall.SIGKILL))
+	killedAt := time.Now()
+	t.Logf("killed %s's worker (pid %d) after %d acknowledged writes", victim, st.PID, v.writes.Load())
+
+	select {
+	case <-loadDone:
+	case <-time.After(3 * time.Minute):
+		t.Fatalf("the clients did not finish within 3 minutes\n%s", s.stderr.String())
+	}
+	<-listDone
+	loadTime := time.Since(started)
+	for i, err := range errs {
+		require.NoError(t, err, "client of %s", names[i])
+		if i != victimIndex {
+			assert.Zero(t, clients[i].reconnects, names[i])
+		}
+		assert.Equal(t, uint64(rounds), clients[i].acked, names[i])
+	}
+	require.NoError(t, listErr)
+	require.Equal(t, 1, v.reconnects, "the victim's client reconnected once")
+
+	after := s.list(t)
+	for _, st := range after {
+		require.Equal(t, "running", st.State, st.Name)
+		if st.Name == victim {
+			assert.Equal(t, 1, st.Restarts, "the victim's worker restarted once")
+			assert.NotEqual(t, pids[st.PID], victim, "a new worker")
+			assert.Contains(t, st.LastExit, "signal killed")
+		} else {
+			assert.Zero(t, st.Restarts, st.Name)
+			assert.Equal(t, st.Name, pids[st.PID], "%s kept its worker", st.Name)
+		}
+	}
+	assert.Contains(t, s.stderr.String(), "vm="+victim)
+
+	slices.Sort(listTimes)
+	require.NotEmpty(t, listTimes)
+	worst := listTimes[len(listTimes)-1]
+	assert.Less(t, worst, listBound, "ctl list took too long under load")
+	var writes int64
+	for _, c := range clients {
+		writes += c.writes.Load()
+	}
+	t.Logf("%d VMs: created in %v, started in %v; %d acknowledged NV writes (+ reads, defines, startups) in %v; the killed VM was back %v after the kill; ctl list %d times under load, median %v, worst %v; %v in all",
+		vms, created.Sub(start).Round(time.Millisecond), started.Sub(created).Round(time.Millisecond), writes, loadTime.Round(time.Millisecond),
+		time.Since(killedAt).Round(time.Millisecond), len(listTimes), listTimes[len(listTimes)/2].Round(time.Millisecond), worst.Round(time.Millisecond),
+		time.Since(start).Round(time.Millisecond))
+}
+
+// Malformed admin requests get a clear HTTP error and change nothing.
+func TestServeAdminErrors(t *testing.T) {
+	s := startServe(t, "")
+	s.ctlOK(t, "create", "vm1")
+	s.ctlOK(t, "start", "vm1")
+	s.ctlOK(t, "create", "idle")
+	_, before := s.api(t, "GET", "/v1/vms", "")
+
+	long := strings.Repeat("a", 65)
+	for _, c := range []struct {
+		method, path, body string
+		code               int
+		want               string
+	}{
+		{"POST", "/v1/vms", `{"name": "bad/name"}`, 400, "bad VM name"},
+		{"POST", "/v1/vms", `{"name": ".hidden"}`, 400, "bad VM name"},
+		{"POST", "/v1/vms", `{"name": ""}`, 400, "bad VM name"},
+		{"POST", "/v1/vms", `{"name": "` + long + `"}`, 400, "bad VM name"},
+		{"POST", "/v1/vms", `{"name": "sp ace"}`, 400, "bad VM name"},
+		{"POST", "/v1/vms", `{"name": "vm2"`, 400, "not a create request"},
+		{"POST", "/v1/vms", `not json`, 400, "not a create request"},
+		{"POST", "/v1/vms", ``, 400, "not a create request"},
+		{"POST", "/v1/vms", `{"name": "vm2", "colour": "red"}`, 400, "unknown field"},
+		{"POST", "/v1/vms", `{"name": 7}`, 400, "not a create request"},
+		{"POST", "/v1/vms", `{"name": "vm2"} {"name": "vm3"}`, 400, "more than one"},
+		{"POST", "/v1/vms", `{"name": "vm1"}`, 409, `VM "vm1" exists`},
+		{"POST", "/v1/vms", `{"name": "idle"}`, 409, `VM "idle" exists`},
+		{"GET", "/v1/vms/nosuch", "", 404, `no such VM: "nosuch"`},
+		{"POST", "/v1/vms/nosuch/start", "", 404, "no such VM"},
+		{"POST", "/v1/vms/nosuch/stop", "", 404, "no such VM"},
+		{"DELETE", "/v1/vms/nosuch", "", 404, "no such VM"},
+		{"GET", "/v1/vms/bad%20name", "", 400, "bad VM name"},
+		{"POST", "/v1/vms/.x/start", "", 400, "bad VM name"},
+		{"DELETE", "/v1/vms/vm1", "", 409, "is running: stop it first"},
+	} {
+		code, body := s.api(t, c.method, c.path, c.body)
+		assert.Equal(t, c.code, code, "%s %s %s: %s", c.method, c.path, c.body, body)
+		var e struct{ Error string }
+		if assert.NoError(t, json.Unmarshal([]byte(body), &e), "%s %s: the body is JSON: %s", c.method, c.path, body) {
+			assert.Contains(t, e.Error, c.want, "%s %s %s", c.method, c.path, c.body)
+		}
+	}
+	_, after := s.api(t, "GET", "/v1/vms", "")
+	assert.JSONEq(t, before, after, "refused requests changed nothing")
+
+	// ctl reports the API's error and fails.
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"status", "nosuch"}, `no such VM: "nosuch" (HTTP 404)`},
+		{[]string{"create", "vm1"}, `VM "vm1" exists (HTTP 409)`},
+		{[]string{"create", "-x"}, `unknown option "-x"`},
+		{[]string{"delete", "vm1"}, `is running: stop it first (HTTP 409)`},
+		{[]string{"start", "b@d"}, `bad VM name "b@d"`},
+		{[]string{"frobnicate"}, `unknown command "frobnicate"`},
+	} {
+		stdout, stderr, err := s.ctl(t, c.args...)
+		require.Error(t, err, "ctl %v: %s", c.args, stdout)
+		assert.Contains(t, stderr, c.want, "ctl %v", c.args)
+	}
+	_, after = s.api(t, "GET", "/v1/vms", "")
+	assert.JSONEq(t, before, after, "refused requests changed nothing")
+
+	// The right order works: stop, delete; then the name is free again.
+	s.ctlOK(t, "stop", "vm1")
+	_, err := os.Stat(filepath.Join(s.run, "vm1.ctrl"))
+	assert.ErrorIs(t, err, os.ErrNotExist, "a stopped VM's socket is removed")
+	s.ctlOK(t, "delete", "vm1")
+	code, _ := s.api(t, "GET", "/v1/vms/vm1", "")
+	assert.Equal(t, 404, code)
+	out := s.ctlOK(t, "list")
+	assert.NotContains(t, out, "vm1")
+	assert.Contains(t, out, "idle")
+}
+
+// When the supervisor dies, its workers die with it; the next supervisor
+// starts every VM that was running (and not the stopped ones) with its
+// state.
+func TestServeSupervisorRestart(t *testing.T) {
+	dir := sockDir(t)
+	s := startServe(t, dir)
+	names := vmNames(3)
+	s.ctlOK(t, append([]string{"create", "--data"}, names...)...)
+	s.ctlOK(t, append([]string{"start"}, names...)...)
+	var pids []int
+	for _, name := range names {
+		c := &vmClient{name: name, ctrl: filepath.Join(s.run, name+".ctrl"), data: filepath.Join(s.run, name+".data")}
+		require.NoError(t, c.run(3, func() bool { return false }))
+		pids = append(pids, s.status(t, name).PID)
+	}
+	s.ctlOK(t, "stop", names[2])
+
+	killDaemon(t, s.daemon)
+	for i, pid := range pids[:2] {
+		require.Eventually(t, func() bool { return syscall.Kill(pid, 0) == syscall.ESRCH }, 5*time.Second, 10*time.Millisecond,
+			"the worker of %s (pid %d) outlived the supervisor", names[i], pid)
+	}
+
+	s = startServe(t, dir)
+	require.Eventually(t, func() bool {
+		for _, name := range names[:2] {
+			if s.status(t, name).State != "running" {
+				return false
+			}
+		}
+		return true
+	}, 20*time.Second, 50*time.Millisecond)
+	assert.Equal(t, "stopped", s.status(t, names[2]).State)
+	for _, name := range names[:2] {
+		c := &vmClient{name: name, ctrl: filepath.Join(s.run, name+".ctrl"), data: filepath.Join(s.run, name+".data")}
+		require.NoError(t, c.connect())
+		got, err := readNV64(c.tpm, serveNVIndex)
+		require.NoError(t, err, name)
+		assert.Equal(t, uint64(3), got, name)
+		c.conn.Close()
+	}
+	// The stopped VM starts again with its state too.
+	s.ctlOK(t, "start", names[2])
+	c := &vmClient{name: names[2], ctrl: filepath.Join(s.run, names[2]+".ctrl"), data: filepath.Join(s.run, names[2]+".data")}
+	require.NoError(t, c.connect())
+	got, err := readNV64(c.tpm, serveNVIndex)
+	require.NoError(t, err)
+	assert.Equal(t, uint64(3), got)
+	c.conn.Close()
+}
