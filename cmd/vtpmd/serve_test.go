@@ -552,3 +552,68 @@ func TestServeSupervisorRestart(t *testing.T) {
 	assert.Equal(t, uint64(3), got)
 	c.conn.Close()
 }
+
+// QEMU boots against a VM TPM served by `vtpmd serve`, the way libvirt
+// would use it: the control socket only, the data channel handed over with
+// CMD_SET_DATAFD. When QEMU ends (CMD_SHUTDOWN), the supervisor puts a
+// fresh worker on the same socket, and a second QEMU boots with the state
+// the first one left.
+func TestServeQEMUBoot(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots QEMU guests; skipped in -short mode")
+	}
+	if testingPeer() {
+		t.Skip("swtpm has no serve mode")
+	}
+	qemu, err := exec.LookPath("qemu-system-x86_64")
+	if err != nil {
+		requireEnv(t, "qemu-system-x86_64 not found (package qemu-system-x86): %v", err)
+	}
+	kernel := loadGuestKernel(t)
+	initrd := filepath.Join(t.TempDir(), "initrd.gz")
+	buildInitramfs(t, kernel, initrd)
+
+	s := startServe(t, "")
+	out := s.ctlOK(t, "create", "guest")
+	s.ctlOK(t, "start", "guest")
+	st := s.status(t, "guest")
+	require.Contains(t, out, strings.Join(st.QEMUArgs, " "))
+
+	g := guestMachine{qemu: qemu, kernel: kernel.vmlinuz, initrd: initrd, iface: "tpm-crb", fw: guestFirmwares[0], dir: t.TempDir()}
+	// startQEMU takes the TPM at <dir>/sock.
+	require.NoError(t, os.Symlink(st.Ctrl, filepath.Join(g.dir, "sock")))
+
+	start := time.Now()
+	vm := g.startQEMU(t)
+	g.check(t, vm, "cold boot")
+	vm.console(t, "reboot")
+	g.check(t, vm, "after guest reboot -f")
+	vm.console(t, "poweroff")
+	vm.waitExit(t, exitTimeout)
+	t.Logf("first QEMU run (2 boots) took %v", time.Since(start).Round(time.Millisecond))
+
+	require.Eventually(t, func() bool {
+		st := s.status(t, "guest")
+		return st.Restarts == 1 && st.State == "running"
+	}, exitTimeout, 20*time.Millisecond, "a fresh worker after QEMU's CMD_SHUTDOWN")
+	st = s.status(t, "guest")
+	assert.Equal(t, "exit status 0", st.LastExit)
+
+	start = time.Now()
+	vm = g.startQEMU(t)
+	g.check(t, vm, "second QEMU run")
+	vm.console(t, "poweroff")
+	vm.waitExit(t, exitTimeout)
+	t.Logf("second QEMU run (1 boot) took %v", time.Since(start).Round(time.Millisecond))
+
+	for i := 1; i < len(g.boots); i++ {
+		prev, cur := g.boots[i-1], g.boots[i]
+		assert.True(t, cur.clock.after(prev.clock), "TPM reset/restart counters did not advance from %s %+v to %s %+v",
+			prev.what, prev.clock, cur.what, cur.clock)
+	}
+	for _, pcr := range g.fw.stablePCRs {
+		for _, b := range g.boots[1:] {
+			assert.Equal(t, g.boots[0].pcrs[pcr], b.pcrs[pcr], "PCR %d differs between %s and %s", pcr, g.boots[0].what, b.what)
+		}
+	}
+}
