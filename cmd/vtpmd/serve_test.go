@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -26,6 +27,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/vtpmd/vtpmd/internal/serve"
+	"github.com/vtpmd/vtpmd/sealing"
 	"github.com/vtpmd/vtpmd/transport"
 )
 
@@ -614,6 +616,55 @@ func TestServeQEMUBoot(t *testing.T) {
 	for _, pcr := range g.fw.stablePCRs {
 		for _, b := range g.boots[1:] {
 			assert.Equal(t, g.boots[0].pcrs[pcr], b.pcrs[pcr], "PCR %d differs between %s and %s", pcr, g.boots[0].what, b.what)
+		}
+	}
+}
+
+// A worker runs with no_new_privs, without core dumps, with GOMAXPROCS=1
+// as its whole environment, and holds no file of the store or the host
+// key; its VM's key is in neither its argv, its environment nor the logs.
+func TestServeWorkerIsolation(t *testing.T) {
+	s := startServe(t, "")
+	s.ctlOK(t, "create", "--data", "iso")
+	s.ctlOK(t, "start", "iso")
+	st := s.status(t, "iso")
+	c := &vmClient{name: "iso", ctrl: st.Ctrl, data: st.Data}
+	require.NoError(t, c.run(2, func() bool { return false }))
+
+	proc := func(name string) string {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/%s", st.PID, name))
+		require.NoError(t, err)
+		return string(b)
+	}
+	assert.Contains(t, proc("status"), "NoNewPrivs:\t1")
+	assert.Regexp(t, `Max core file size\s+0\s+0`, proc("limits"))
+	assert.Equal(t, "GOMAXPROCS=1\x00", proc("environ"))
+	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", st.PID))
+	require.NoError(t, err)
+	hostKey := os.Getenv("VTPMD_HOST_KEY")
+	for _, fd := range fds {
+		target, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", st.PID, fd.Name()))
+		require.NoError(t, err)
+		// The Go runtime keeps the cgroup's CPU limit files open.
+		ok := target == "/dev/null" || strings.HasPrefix(target, "socket:") || strings.HasPrefix(target, "pipe:") ||
+			strings.HasPrefix(target, "anon_inode:") || strings.HasPrefix(target, "/sys/fs/cgroup/")
+		assert.True(t, ok, "the worker holds fd %s: %s", fd.Name(), target)
+		assert.False(t, strings.HasPrefix(target, s.state) || strings.HasPrefix(target, filepath.Dir(hostKey)), "fd %s: %s", fd.Name(), target)
+	}
+
+	key, err := (&sealing.HostKey{Path: hostKey}).StateKey(context.Background(), st.ID)
+	require.NoError(t, err)
+	secret := key.Secret()
+	for what, text := range map[string]string{"argv": proc("cmdline"), "environment": proc("environ"), "logs": s.stderr.String()} {
+		assert.NotContains(t, text, string(secret), what)
+		assert.NotContains(t, text, hex.EncodeToString(secret), what)
+		assert.NotContains(t, strings.ToLower(text), fmt.Sprintf("%x", secret), what)
+	}
+	assert.Contains(t, proc("cmdline"), "worker\x00--vm\x00iso\x00")
+	// The worker logs carry the VM's name.
+	for _, line := range strings.Split(s.stderr.String(), "\n") {
+		if strings.Contains(line, "worker=") {
+			assert.Contains(t, line, "vm=iso", line)
 		}
 	}
 }
