@@ -27,13 +27,15 @@ a unix socket; see 'vtpmd ctl'), one state store, and a worker process per
 running VM TPM. Options (each overrides the config file, which overrides
 the defaults):
 --config <file>     JSON config file: {"state_dir", "run_dir", "admin_socket",
-                    "host_key", "log_level"}
+                    "host_key", "log_level", "worker_user"}
 --state-dir <dir>   the state store (default /var/lib/vtpmd/serve for root,
                     $XDG_DATA_HOME/vtpmd/serve otherwise)
 --run-dir <dir>     the sockets (default /run/vtpmd, $XDG_RUNTIME_DIR/vtpmd)
 --admin <socket>    the admin socket (default <run dir>/admin.sock)
 --log-file <file>   log there instead of stderr (workers too)
 --log-level <level> debug, info, warn or error (default info)
+--worker-user <user> run the workers as this user (a supervisor running as
+                    root should name an unprivileged one)
 `
 
 const ctlUsage = `Usage: vtpmd ctl [--admin <socket>] [--json] <command> [args]
@@ -74,7 +76,7 @@ func runServe(args []string, stdout io.Writer) error {
 		{long: "log-file", takesValue: true, set: setString(&logFile)},
 		{long: "help", short: "h", set: setBool(&help)},
 	}
-	for _, name := range []string{"state-dir", "run-dir", "admin", "log-level"} {
+	for _, name := range []string{"state-dir", "run-dir", "admin", "log-level", "worker-user"} {
 		v := new(string)
 		flags[name] = v
 		specs = append(specs, flagSpec{long: name, takesValue: true, set: func(s string) error {
@@ -97,7 +99,7 @@ func runServe(args []string, stdout io.Writer) error {
 			return err
 		}
 	}
-	for name, field := range map[string]*string{"state-dir": &cfg.StateDir, "run-dir": &cfg.RunDir, "admin": &cfg.Admin, "log-level": &cfg.LogLevel} {
+	for name, field := range map[string]*string{"state-dir": &cfg.StateDir, "run-dir": &cfg.RunDir, "admin": &cfg.Admin, "log-level": &cfg.LogLevel, "worker-user": &cfg.WorkerUser} {
 		if v := *flags[name]; v != "" {
 			*field = v
 		}

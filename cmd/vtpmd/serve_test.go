@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -41,8 +42,9 @@ type serveTPM struct {
 	dir, state, run, admin string
 }
 
-// startServe starts `vtpmd serve` on dir (a new short directory if "").
-func startServe(t *testing.T, dir string) *serveTPM {
+// startServe starts `vtpmd serve` on dir (a new short directory if "")
+// with the extra options.
+func startServe(t *testing.T, dir string, extra ...string) *serveTPM {
 	t.Helper()
 	if testingPeer() {
 		t.Skip("swtpm has no serve mode")
@@ -54,7 +56,7 @@ func startServe(t *testing.T, dir string) *serveTPM {
 	s.admin = filepath.Join(s.run, "admin.sock")
 	// A killed supervisor leaves its admin socket file behind: wait for a
 	// connection, not for the file.
-	s.daemon = startDaemon(t, []string{"serve", "--state-dir", s.state, "--run-dir", s.run})
+	s.daemon = startDaemon(t, append([]string{"serve", "--state-dir", s.state, "--run-dir", s.run}, extra...))
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		c, err := net.Dial("unix", s.admin)
@@ -667,4 +669,32 @@ func TestServeWorkerIsolation(t *testing.T) {
 			assert.Contains(t, line, "vm=iso", line)
 		}
 	}
+}
+
+// A supervisor running as root runs its workers as the --worker-user.
+func TestServeWorkerUser(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	nobody, err := user.Lookup("nobody")
+	if err != nil {
+		t.Skipf("no user nobody: %v", err)
+	}
+	// The workers must be able to run the binary.
+	require.NoError(t, os.Chmod(filepath.Dir(daemonPath), 0o755))
+	s := startServe(t, "", "--worker-user", "nobody")
+	s.ctlOK(t, "create", "--data", "lowpriv")
+	s.ctlOK(t, "start", "lowpriv")
+	st := s.status(t, "lowpriv")
+	require.Equal(t, "running", st.State, "%+v\n%s", st, s.stderr.String())
+	c := &vmClient{name: "lowpriv", ctrl: st.Ctrl, data: st.Data}
+	require.NoError(t, c.run(3, func() bool { return false }))
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", st.PID))
+	require.NoError(t, err)
+	assert.Regexp(t, "(?m)^Uid:\\t"+nobody.Uid+"\\t"+nobody.Uid+"\\t", string(b))
+	assert.Regexp(t, "(?m)^Groups:\\s*$", string(b))
+
+	_, stderr, err := s.ctl(t, "status", "nosuch")
+	require.Error(t, err)
+	assert.Contains(t, stderr, "404")
 }

@@ -6,8 +6,11 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"os/user"
 	"path/filepath"
 	"regexp"
+	"strconv"
+	"syscall"
 )
 
 // Config configures a Supervisor. The command line fills it from the
@@ -25,6 +28,11 @@ type Config struct {
 	HostKey string `json:"host_key"`
 	// LogLevel is debug, info, warn or error; workers log at the same level.
 	LogLevel string `json:"log_level"`
+	// WorkerUser, if set (a user name or numeric uid), is the user the
+	// workers run as, with that user's primary group and no others: a
+	// supervisor running as root should name an unprivileged user that
+	// owns nothing of vtpmd's. The vtpmd binary must be executable by it.
+	WorkerUser string `json:"worker_user"`
 
 	// Executable is the vtpmd binary the workers run ("" is this one).
 	Executable string `json:"-"`
@@ -67,6 +75,29 @@ func (c *Config) Level() (slog.Level, error) {
 		return l, fmt.Errorf("log level %q: use debug, info, warn or error", c.LogLevel)
 	}
 	return l, nil
+}
+
+// workerCredential resolves WorkerUser; nil runs the workers as the
+// supervisor's user.
+func (c *Config) workerCredential() (*syscall.Credential, error) {
+	if c.WorkerUser == "" {
+		return nil, nil
+	}
+	u, err := user.Lookup(c.WorkerUser)
+	if err != nil {
+		if u, err = user.LookupId(c.WorkerUser); err != nil {
+			return nil, fmt.Errorf("worker user %q: no such user", c.WorkerUser)
+		}
+	}
+	uid, err1 := strconv.ParseUint(u.Uid, 10, 32)
+	gid, err2 := strconv.ParseUint(u.Gid, 10, 32)
+	if err1 != nil || err2 != nil {
+		return nil, fmt.Errorf("worker user %q: uid %q, gid %q", c.WorkerUser, u.Uid, u.Gid)
+	}
+	if os.Geteuid() != 0 && uint64(os.Geteuid()) != uid {
+		return nil, fmt.Errorf("worker user %q: only a supervisor running as root can run workers as another user", c.WorkerUser)
+	}
+	return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: []uint32{}}, nil
 }
 
 // nameRE is what a VM name may be: it becomes a file name in RunDir.

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"sort"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/vtpmd/vtpmd/internal/unixsock"
@@ -41,6 +42,7 @@ type Supervisor struct {
 	witness *vmstate.Witness
 	spawn   *spawner
 	exe     string
+	cred    *syscall.Credential
 
 	mu    sync.Mutex // runs and names
 	runs  map[string]*vmRun
@@ -90,9 +92,12 @@ func Open(cfg Config) (*Supervisor, error) {
 	if _, err := cfg.Level(); err != nil {
 		return nil, err
 	}
+	cred, err := cfg.workerCredential()
+	if err != nil {
+		return nil, fmt.Errorf("serve: %w", err)
+	}
 	exe := cfg.Executable
 	if exe == "" {
-		var err error
 		if exe, err = os.Executable(); err != nil {
 			return nil, fmt.Errorf("serve: find the vtpmd binary for the workers: %w", err)
 		}
@@ -119,6 +124,7 @@ func Open(cfg Config) (*Supervisor, error) {
 		witness: &vmstate.Witness{Dir: filepath.Join(filepath.Dir(cfg.HostKey), "generations")},
 		spawn:   spawn,
 		exe:     exe,
+		cred:    cred,
 		runs:    map[string]*vmRun{},
 		names:   map[string]*nameLock{},
 	}, nil

@@ -191,7 +191,7 @@ func (r *vmRun) runWorker() (int, error) {
 	cmd.Env = []string{"GOMAXPROCS=1"}
 	cmd.Stderr = r.s.cfg.WorkerLog
 	cmd.ExtraFiles = files
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true, Credential: r.s.cred}
 	err = r.s.spawn.start(cmd)
 	closeFiles(files)
 	if err != nil {
