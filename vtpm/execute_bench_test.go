@@ -3,30 +3,12 @@ package vtpm_test
 import (
 	"context"
 	"encoding/binary"
-	"fmt"
-	"io/fs"
 	"testing"
 
 	"github.com/google/go-tpm/tpm2"
 
 	"github.com/vtpmd/vtpmd/vtpm"
 )
-
-// benchStore keeps the state image in memory, so the benchmarks measure the
-// engine and the Device, not a disk.
-type benchStore struct{ image []byte }
-
-func (s *benchStore) Load() ([]byte, error) {
-	if s.image == nil {
-		return nil, fmt.Errorf("bench store: %w", fs.ErrNotExist)
-	}
-	return s.image, nil
-}
-
-func (s *benchStore) Save(image []byte) error {
-	s.image = append(s.image[:0], image...)
-	return nil
-}
 
 // benchSend runs go-tpm's typed commands on a Device, for set-up.
 type benchSend struct{ d *vtpm.Device }
@@ -55,7 +37,7 @@ var (
 // image handed to the store (kept in memory here: the cost of the disk is
 // measured by bench/, with the daemon's own store).
 func BenchmarkExecute(b *testing.B) {
-	d, err := vtpm.Open(vtpm.Config{Store: &benchStore{}})
+	d, err := vtpm.Open(vtpm.Config{Store: &vtpm.MemoryStore{}})
 	if err != nil {
 		b.Fatal(err)
 	}
