@@ -377,8 +377,15 @@ func (s *Supervisor) Start(name string) (Status, error) {
 	unlock()
 	select {
 	case <-r.ready:
+	case <-r.firstEnd:
+		st, err := s.VM(name)
+		if err == nil {
+			err = fmt.Errorf("the worker of VM %q did not start (%s); the supervisor keeps trying until the VM is stopped", name, st.LastExit)
+		}
+		return st, err
 	case <-r.done:
 	case <-time.After(readyTimeout):
+		return Status{}, fmt.Errorf("the worker of VM %q did not serve within %v; the supervisor keeps trying until the VM is stopped", name, readyTimeout)
 	}
 	return s.VM(name)
 }
@@ -442,7 +449,7 @@ func (s *Supervisor) startRun(vm *state.VM) error {
 		return err
 	}
 	r := &vmRun{s: s, vm: *vm, log: log, key: key, lastGen: lastGen, phase: "starting",
-		stop: make(chan struct{}), done: make(chan struct{}), ready: make(chan struct{})}
+		stop: make(chan struct{}), done: make(chan struct{}), ready: make(chan struct{}), firstEnd: make(chan struct{})}
 	if r.ctrl, err = unixsock.Listen(vm.Ctrl, 0o600, -1, -1); err != nil {
 		return err
 	}

@@ -47,6 +47,7 @@ type vmRun struct {
 	done      chan struct{} // closed when the loop has ended
 	ready     chan struct{} // closed when the first worker serves
 	readyOnce sync.Once
+	firstEnd  chan struct{} // closed when the first worker has ended
 
 	// lastGen is the newest generation stored: a Put must be newer.
 	// Only the conversation with the current worker touches it.
@@ -106,7 +107,7 @@ func (r *vmRun) loop() {
 	defer close(r.done)
 	defer r.readyOnce.Do(func() { close(r.ready) })
 	backoff := minBackoff
-	for {
+	for first := true; ; first = false {
 		started := time.Now()
 		exit, err := r.runWorker()
 		if r.stopping() {
@@ -129,6 +130,9 @@ func (r *vmRun) loop() {
 		r.phase, r.pid = "restarting", 0
 		n := r.restarts
 		r.mu.Unlock()
+		if first {
+			close(r.firstEnd)
+		}
 		if delay == 0 {
 			r.log.Info("worker ended; starting a new one", "exit", how, "restarts", n)
 		} else {
