@@ -77,7 +77,7 @@ bench-full: build
 # A failure leaves its input in fuzz/testdata/fuzz/<target>/. Minimizing a
 # new input is cut short: with the default of a minute, the 16 KiB state
 # images and large blobs would keep the workers from fuzzing at all.
-FUZZTIME ?= 12s
+FUZZTIME ?= 10s
 FUZZMINIMIZETIME ?= 2s
 fuzz:
 	@targets="$$($(GO) test -list '^Fuzz' ./fuzz | grep '^Fuzz')" || exit 1; \

@@ -8,9 +8,13 @@
 // FuzzDecodeReply); the data-channel reader consumes exactly the framing
 // and the command its size fields announce and never returns more than the
 // engine takes (FuzzReadDataCommand); state blobs and images survive a
-// round trip (FuzzStateBlob, FuzzParseImage, which also tries each input
-// with its digest recomputed so that mutations reach the fields behind
-// it); option strings read back as given (FuzzOptions). FuzzServer runs a
+// round trip, FuzzStateBlob also against blobs encrypted by an encoder
+// written from the spec (FuzzStateBlob, FuzzParseImage, which tries each
+// input with its digest recomputed so that mutations reach the fields
+// behind it, FuzzParseRecord, FuzzSealedEnvelope); option strings and
+// configuration files read back as given (FuzzOptions, FuzzSwtpmKey, whose
+// files and descriptors are replaced by ones the target made, and
+// FuzzSetupConfig). FuzzServer runs a
 // live vtpm.Device behind a transport.Server on in-process socketpairs and
 // plays a sequence of control requests and TPM commands decoded from the
 // input against it, checking every reply and response, and that an NV
