@@ -31,6 +31,9 @@ var knownParsers = []string{
 	"github.com/vtpmd/vtpmd/transport.UnwrapStateBlob",
 	"github.com/vtpmd/vtpmd/vtpm.ParseImage",
 	"github.com/vtpmd/vtpmd/internal/options.Parse",
+	"github.com/vtpmd/vtpmd/state.ParseVM",
+	"github.com/vtpmd/vtpmd/internal/workerproto.DecodeMessage",
+	"github.com/vtpmd/vtpmd/internal/workerproto.ReadMessage",
 }
 
 func isParserName(name string) bool {
