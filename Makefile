@@ -10,7 +10,13 @@ TEST_PACKAGES = $(BUILD_PACKAGES) qemu-system-x86 seabios ovmf \
 	swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0 \
 	busybox-static cpio socat xz-utils
 
-.PHONY: build run deps build-deps test lint bench fuzz
+.PHONY: build run deps build-deps test lint bench fuzz install uninstall
+
+# make install puts vtpmd in $(BINDIR) with the names libvirt looks for on
+# PATH (swtpm, swtpm_setup, swtpm_ioctl) linked to it: a multi-call binary.
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+SWTPM_NAMES = swtpm swtpm_setup swtpm_ioctl
 
 # apt_ensure installs the packages in $(1) that are not installed yet (as
 # root; others are told what is missing).
@@ -33,6 +39,14 @@ deps:
 
 build:
 	$(GO) build -o bin/vtpmd ./cmd/vtpmd
+
+install: build
+	install -d $(DESTDIR)$(BINDIR)
+	install -m 0755 bin/vtpmd $(DESTDIR)$(BINDIR)/vtpmd
+	for name in $(SWTPM_NAMES); do ln -sf vtpmd $(DESTDIR)$(BINDIR)/$$name; done
+
+uninstall:
+	for name in vtpmd $(SWTPM_NAMES); do rm -f $(DESTDIR)$(BINDIR)/$$name; done
 
 # Serve one TPM for QEMU and print the QEMU arguments to use it.
 run: build-deps build

@@ -10,6 +10,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/vtpmd/vtpmd/transport"
@@ -117,8 +118,8 @@ func runIoctlTool(args []string, stdin io.Reader, stdout, stderr io.Writer) erro
 	var number uint64
 	switch cmd.name {
 	case "-l", "-r":
-		n, err := strconv.ParseUint(cmd.arg, 0, 32)
-		if err != nil {
+		n, ok := scanUint(cmd.arg)
+		if !ok {
 			return fail("Could not get locality number from %s.\n", cmd.arg)
 		}
 		if n > 4 {
@@ -126,21 +127,17 @@ func runIoctlTool(args []string, stdin io.Reader, stdout, stderr io.Writer) erro
 		}
 		number = n
 	case "-b":
-		n, err := strconv.ParseUint(cmd.arg, 0, 32)
-		if err != nil {
+		n, ok := scanUint(cmd.arg)
+		if !ok {
 			return fail("Could not get buffersize from %s.\n", cmd.arg)
 		}
 		number = n
 	case "--info":
 		n, err := strconv.ParseUint(cmd.arg, 0, 64)
-		if err != nil {
+		if err != nil || strings.Contains(cmd.arg, "_") {
 			return fail("Cannot parse info flags.\n")
 		}
 		number = n
-	case "--save", "--load":
-		if blobType(cmd.arg) == 0 {
-			return fail("Unknown TPM state type '%s'\n", cmd.arg)
-		}
 	}
 	var conn net.Conn
 	var err error
@@ -172,6 +169,33 @@ func runIoctlTool(args []string, stdin io.Reader, stdout, stderr io.Writer) erro
 	return c.run(cmd, number, stdin, stdout, stderr)
 }
 
+// scanUint reads a number as C's sscanf("%u") does: optional blanks and
+// sign, then decimal digits, ignoring what follows; a negative number wraps
+// around to 32 bits.
+func scanUint(s string) (uint64, bool) {
+	s = strings.TrimLeft(s, " \t\n")
+	neg := false
+	if s != "" && (s[0] == '+' || s[0] == '-') {
+		neg = s[0] == '-'
+		s = s[1:]
+	}
+	end := 0
+	for end < len(s) && s[end] >= '0' && s[end] <= '9' {
+		end++
+	}
+	if end == 0 {
+		return 0, false
+	}
+	n, err := strconv.ParseUint(s[:end], 10, 32)
+	if err != nil {
+		n = 1<<32 - 1
+	}
+	if neg {
+		n = uint64(uint32(-int64(n)))
+	}
+	return n, true
+}
+
 // ioctlTakesValue reports whether the option consumes the next argument.
 func ioctlTakesValue(opt string) bool {
 	switch opt {
@@ -181,16 +205,13 @@ func ioctlTakesValue(opt string) bool {
 	return false
 }
 
-// syscallMessage is the strerror text of a dial error.
+// syscallMessage is the strerror text of an error's errno, as C programs
+// print it, or the error itself.
 func syscallMessage(err error) string {
-	var errno interface{ Error() string }
-	var sysErr *os.SyscallError
-	if errors.As(err, &sysErr) {
-		errno = sysErr.Err
+	var errno syscall.Errno
+	if errors.As(err, &errno) {
 		msg := errno.Error()
-		if msg != "" {
-			return strings.ToUpper(msg[:1]) + msg[1:]
-		}
+		return strings.ToUpper(msg[:1]) + msg[1:]
 	}
 	return err.Error()
 }
@@ -291,6 +312,11 @@ func result(r transport.Reply) transport.Result {
 	return transport.ResultSuccess
 }
 
+// nonFatal marks a result that is not an error (TPM_NON_FATAL): a TPM 2
+// has no savestate blob, and GET_STATEBLOB answers so with TPM_RETRY, which
+// swtpm_ioctl saves as an empty file.
+const nonFatal = 0x800
+
 // ptmNames are swtpm_ioctl's names of the commands, for its messages.
 var ptmNames = map[transport.Command]string{
 	transport.CmdGetCapability:       "PTM_GET_CAPABILITY",
@@ -321,10 +347,17 @@ func (c *ctrlClient) run(cmd ioctlCommand, number uint64, stdin io.Reader, stdou
 	do := func(req transport.Request) (transport.Reply, error) {
 		reply, err := c.roundTrip(req)
 		if err != nil {
-			fmt.Fprintf(stderr, "Could not execute %s: %v\n", ptmNames[req.Command()], err)
+			name := ptmNames[req.Command()]
+			switch req.Command() {
+			case transport.CmdGetTPMEstablished:
+				name = "PTM_GET_ESTABLISHED"
+			case transport.CmdResetTPMEstablished:
+				name = "PTM_RESET_ESTABLISHED"
+			}
+			fmt.Fprintf(stderr, "Could not execute %s: %s\n", name, syscallMessage(err))
 			return nil, exitCode(1)
 		}
-		if rc := result(reply); rc != transport.ResultSuccess {
+		if rc := result(reply); rc != transport.ResultSuccess && !(req.Command() == transport.CmdGetStateBlob && rc&nonFatal != 0) {
 			fmt.Fprintf(stderr, "TPM result from %s: 0x%x\n", ptmNames[req.Command()], uint32(rc))
 			return nil, exitCode(1)
 		}
@@ -375,10 +408,18 @@ func (c *ctrlClient) run(cmd ioctlCommand, number uint64, stdin io.Reader, stdou
 		err = c.info(number, stdout, do)
 	case "-h":
 		err = c.hash(cmd.arg, stdin, stderr, do)
-	case "--save":
-		err = c.save(blobType(cmd.arg), cmd.file, stderr, do)
-	case "--load":
-		err = c.load(blobType(cmd.arg), cmd.file, stderr, do)
+	case "--save", "--load":
+		typ := blobType(cmd.arg)
+		switch {
+		case typ == 0:
+			// swtpm_ioctl prints this one without a newline.
+			fmt.Fprintf(stderr, "Unknown TPM state type '%s'", cmd.arg)
+			err = exitCode(1)
+		case cmd.name == "--save":
+			err = c.save(typ, cmd.file, stderr, do)
+		default:
+			err = c.load(typ, cmd.file, stderr, do)
+		}
 	}
 	return err
 }
