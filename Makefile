@@ -86,16 +86,31 @@ bench-full: build
 	$(GO) build -o bin/vtpmbench ./bench/cmd/vtpmbench
 	./bin/vtpmbench -vtpmd bin/vtpmd -vms 1,4,16,64,256 -ops all -duration 2s -rounds 2
 
-# Every fuzz target in fuzz/ for FUZZTIME each, one at a time (go test takes
-# one -fuzz target per run). Plain `go test ./...` runs their seed corpora.
-# A failure leaves its input in fuzz/testdata/fuzz/<target>/. Minimizing a
-# new input is cut short: with the default of a minute, the 16 KiB state
-# images and large blobs would keep the workers from fuzzing at all.
-FUZZTIME ?= 10s
+# Every fuzz target in fuzz/, one at a time (go test takes one -fuzz target
+# per run), FUZZTIME each, or FUZZBUDGET seconds shared among them so that
+# the run stays within about three minutes as targets are added. Plain
+# `go test ./...` runs their seed corpora. A failure leaves its input in
+# fuzz/testdata/fuzz/<target>/. Minimizing a new input is cut short: with
+# the default of a minute, the 16 KiB state images and large blobs would
+# keep the workers from fuzzing at all. Go 1.26's coordinator may report
+# "context deadline exceeded" at the end of -fuzztime without a failing
+# input (go.dev/issue/75804): that is not counted as a failure.
+FUZZTIME ?=
+FUZZBUDGET ?= 140
 FUZZMINIMIZETIME ?= 2s
 fuzz:
 	@targets="$$($(GO) test -list '^Fuzz' ./fuzz | grep '^Fuzz')" || exit 1; \
+	n=$$(echo "$$targets" | wc -l); \
+	fuzztime="$(FUZZTIME)"; [ -n "$$fuzztime" ] || fuzztime="$$(( $(FUZZBUDGET) / n > 5 ? $(FUZZBUDGET) / n : 5 ))s"; \
+	log=$$(mktemp); status=$$(mktemp); trap 'rm -f "$$log" "$$status"' EXIT; \
 	for target in $$targets; do \
-		echo "$(GO) test ./fuzz -run '^$$' -fuzz '^$$target\$$' -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINIMIZETIME)"; \
-		$(GO) test ./fuzz -run '^$$' -fuzz "^$$target\$$" -fuzztime $(FUZZTIME) -fuzzminimizetime $(FUZZMINIMIZETIME) || exit 1; \
+		echo "$(GO) test ./fuzz -run '^$$' -fuzz '^$$target\$$' -fuzztime $$fuzztime -fuzzminimizetime $(FUZZMINIMIZETIME)"; \
+		{ $(GO) test ./fuzz -run '^$$' -fuzz "^$$target\$$" -fuzztime $$fuzztime -fuzzminimizetime $(FUZZMINIMIZETIME) 2>&1; \
+		  echo $$? >"$$status"; } | tee "$$log"; \
+		[ "$$(cat "$$status")" = 0 ] && continue; \
+		if grep -q 'context deadline exceeded' "$$log" && ! grep -q 'Failing input written' "$$log"; then \
+			echo "$$target: coordinator deadline race (go.dev/issue/75804), no failing input: not a failure"; \
+		else \
+			exit 1; \
+		fi; \
 	done
