@@ -74,6 +74,9 @@ type Server struct {
 	// Disconnect closes a data connection after each response
 	// (--server ...,disconnect).
 	Disconnect bool
+	// DataChannel says the data channel is served from a listener or a
+	// connected socket (--server), so CMD_SET_DATAFD is refused.
+	DataChannel bool
 	// BlobKeys encrypt and decrypt state blobs as swtpm's --migration-key
 	// and --key do; CMD_GET_CONFIG reports which are set.
 	BlobKeys BlobKeys
@@ -93,6 +96,7 @@ type Server struct {
 func (s *Server) init() {
 	s.initOnce.Do(func() {
 		s.done = make(chan struct{})
+		s.hasData.Store(s.DataChannel)
 		if s.Log == nil {
 			s.Log = slog.New(slog.DiscardHandler)
 		}
@@ -122,10 +126,9 @@ func (s *Server) ServeControl(ctx context.Context, l net.Listener) error {
 }
 
 // ServeData accepts data clients on l one at a time until ctx ends or the
-// server is done.
+// server is done. Set DataChannel when there is one.
 func (s *Server) ServeData(ctx context.Context, l net.Listener) error {
 	s.init()
-	s.hasData.Store(true)
 	return s.acceptLoop(ctx, l, "data", s.serveDataConn)
 }
 
@@ -418,7 +421,6 @@ func (s *Server) setDataFD(ctx context.Context, fds []int) Reply {
 // closes; with Terminate, the server then ends.
 func (s *Server) ServeDataConn(ctx context.Context, c net.Conn) {
 	s.init()
-	s.hasData.Store(true)
 	s.serveDataConn(ctx, c)
 }
 

@@ -32,11 +32,14 @@ func socketPair(t *testing.T) (*net.UnixConn, *os.File) {
 
 // serveDevice starts a Server for a new Device on a control socketpair and
 // returns the client end.
-func serveDevice(t *testing.T) (*Server, *net.UnixConn) {
+func serveDevice(t *testing.T, configure ...func(*Server)) (*Server, *net.UnixConn) {
 	t.Helper()
 	dev, err := vtpm.Open(vtpm.Config{Store: &vtpm.MemoryStore{}})
 	require.NoError(t, err)
 	srv := &Server{TPM: dev}
+	for _, c := range configure {
+		c(srv)
+	}
 	client, serverEnd := socketPair(t)
 	serverConn, err := net.FileConn(serverEnd)
 	require.NoError(t, err)
@@ -202,4 +205,18 @@ func readReply(t *testing.T, c net.Conn, req Request) Reply {
 	reply, err := DecodeReply(req.Command(), buf[:n])
 	require.NoError(t, err)
 	return reply
+}
+
+// With a data channel served (--server), CMD_SET_DATAFD is refused at once,
+// whether or not that channel's client has connected yet.
+func TestSetDataFDWithDataChannel(t *testing.T) {
+	_, ctrl := serveDevice(t, func(s *Server) { s.DataChannel = true })
+	_, extra := socketPair(t)
+	defer extra.Close()
+	_, _, err := ctrl.WriteMsgUnix(unhex(t, "00000010"), syscall.UnixRights(int(extra.Fd())), nil)
+	require.NoError(t, err)
+	buf := make([]byte, 16)
+	n, err := ctrl.Read(buf)
+	require.NoError(t, err)
+	assert.Equal(t, "0000001f", hex.EncodeToString(buf[:n]))
 }

@@ -103,6 +103,7 @@ func serveSocket(c *socketConfig, log *slog.Logger) error {
 		Terminate:     c.terminate,
 		CtrlTerminate: c.ctrl != nil && c.ctrl.terminate,
 		Disconnect:    c.server != nil && c.server.disconnect,
+		DataChannel:   c.server != nil,
 		Storage:       vmState,
 
 		ReleaseLockOutgoing: c.releaseLockOutgoing,

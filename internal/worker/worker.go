@@ -66,7 +66,7 @@ func Run(ctx context.Context, c Config) error {
 	if err != nil {
 		return err
 	}
-	srv := &transport.Server{TPM: dev, Log: log}
+	srv := &transport.Server{TPM: dev, Log: log, DataChannel: c.Data != nil}
 	var listeners []net.Listener
 	for _, f := range []*os.File{c.Ctrl, c.Data} {
 		if f == nil {
