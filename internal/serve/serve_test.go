@@ -161,3 +161,14 @@ func TestClient(t *testing.T) {
 	var buf bytes.Buffer
 	require.NoError(t, json.NewEncoder(&buf).Encode(list))
 }
+
+// A second supervisor on the same run dir does not take the admin socket
+// of the first, even on another state dir.
+func TestAdminSocketInUse(t *testing.T) {
+	s := testSupervisor(t)
+	l, err := unixsock.Listen(s.cfg.AdminSocket(), 0o600, -1, -1)
+	require.NoError(t, err)
+	defer l.Close()
+	err = s.Run(t.Context())
+	assert.ErrorContains(t, err, "another supervisor answers")
+}

@@ -44,6 +44,9 @@ type Supervisor struct {
 	exe     string
 	cred    *syscall.Credential
 
+	closeOnce sync.Once
+	closeErr  error
+
 	mu    sync.Mutex // runs and names
 	runs  map[string]*vmRun
 	names map[string]*nameLock
@@ -135,8 +138,13 @@ func startsWithDotDot(rel string) bool {
 }
 
 // Close stops every worker, leaving each VM's desired state as it is, and
-// closes the store.
+// closes the store. Closing again does nothing.
 func (s *Supervisor) Close() error {
+	s.closeOnce.Do(func() { s.closeErr = s.close() })
+	return s.closeErr
+}
+
+func (s *Supervisor) close() error {
 	s.mu.Lock()
 	runs := make([]*vmRun, 0, len(s.runs))
 	for _, r := range s.runs {
@@ -158,6 +166,11 @@ func (s *Supervisor) Close() error {
 // then stops the workers and closes the store.
 func (s *Supervisor) Run(ctx context.Context) error {
 	admin := s.cfg.AdminSocket()
+	if c, err := net.Dial("unix", admin); err == nil {
+		c.Close()
+		s.Close()
+		return fmt.Errorf("serve: another supervisor answers on %s", admin)
+	}
 	l, err := unixsock.Listen(admin, 0o600, -1, -1)
 	if err != nil {
 		s.Close()
