@@ -56,6 +56,7 @@ run: build-deps build
 # about two minutes on two cores under TCG.
 test: deps
 	$(GO) test -count=1 -timeout 25m ./...
+	$(GO) test -count=1 -race ./transport/... ./vtpm/... ./state/... ./sealing/...
 
 lint:
 	@unformatted="$$(gofmt -l .)"; \

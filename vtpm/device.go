@@ -322,7 +322,9 @@ func (d *Device) Execute(ctx context.Context, cmd []byte) []byte {
 		d.running = false
 		return ErrorResponse(rcFailure)
 	}
-	return resp
+	// A copy: the engine's buffer is reused by the next command, which may
+	// come from the control channel while the caller still sends this one.
+	return append([]byte(nil), resp...)
 }
 
 // run executes cmd on the engine. The returned slice is valid until the next
