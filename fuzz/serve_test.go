@@ -16,7 +16,7 @@ import (
 func FuzzParseVM(f *testing.F) {
 	for _, v := range []state.VM{
 		{Name: "vm1", ID: "00112233445566778899aabbccddeeff", Created: time.Unix(1700000000, 5).UTC(), Ctrl: "/run/vtpmd/vm1.ctrl", Running: true},
-		{Name: "vm2", ID: "x", Ctrl: "/c", Data: "/d"},
+		{Name: "vm2", ID: "x", Ctrl: "/c", Data: "/d", StartupClear: true},
 		{},
 	} {
 		b, err := v.MarshalBinary()
@@ -26,7 +26,7 @@ func FuzzParseVM(f *testing.F) {
 		f.Add(b)
 	}
 	f.Add([]byte("VTVM\x01"))
-	f.Add(hexBytes("5654564d 01 0000 0000 0000000000000000 0000 0000 02"))
+	f.Add(hexBytes("5654564d 01 0000 0000 0000000000000000 0000 0000 04"))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		v, err := state.ParseVM(b)
 		if err != nil {

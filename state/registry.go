@@ -28,6 +28,10 @@ type VM struct {
 	// Running is the desired state: the VM's TPM is to be served. A
 	// restarted supervisor starts every VM that has it.
 	Running bool
+	// StartupClear powers the TPM on and sends TPM2_Startup(CLEAR) whenever
+	// a worker starts, as swtpm's --flags not-need-init,startup-clear, for
+	// clients that do neither (tpm2-tools on the data socket).
+	StartupClear bool
 }
 
 const (
@@ -35,6 +39,8 @@ const (
 	vmMagic        = "VTVM"
 	vmVersion      = 1
 	vmFlagRunning  = 1
+	vmFlagStartup  = 2
+	vmFlagsKnown   = vmFlagRunning | vmFlagStartup
 	maxVMFieldSize = 4096
 )
 
@@ -54,6 +60,9 @@ func (v *VM) MarshalBinary() ([]byte, error) {
 	var flags byte
 	if v.Running {
 		flags |= vmFlagRunning
+	}
+	if v.StartupClear {
+		flags |= vmFlagStartup
 	}
 	return append(b, flags), nil
 }
@@ -83,7 +92,7 @@ func ParseVM(b []byte) (*VM, error) {
 		return nil, fmt.Errorf("%w: VM entry truncated at %d bytes", ErrCorrupt, len(b))
 	case len(d.b) != 0:
 		return nil, fmt.Errorf("%w: %d bytes after the VM entry", ErrCorrupt, len(d.b))
-	case flags[0]&^vmFlagRunning != 0:
+	case flags[0]&^vmFlagsKnown != 0:
 		return nil, fmt.Errorf("%w: unknown VM flags %#x", ErrCorrupt, flags[0])
 	}
 	for _, s := range []string{v.Name, v.ID, v.Ctrl, v.Data} {
@@ -92,6 +101,7 @@ func ParseVM(b []byte) (*VM, error) {
 		}
 	}
 	v.Running = flags[0]&vmFlagRunning != 0
+	v.StartupClear = flags[0]&vmFlagStartup != 0
 	return v, nil
 }
 

@@ -9,7 +9,7 @@ import (
 )
 
 func TestVMRoundTrip(t *testing.T) {
-	v := &VM{Name: "vm1", ID: "0123abcd", Created: time.Unix(1700000000, 7).UTC(), Ctrl: "/run/vtpmd/vm1.ctrl", Data: "/run/vtpmd/vm1.data", Running: true}
+	v := &VM{Name: "vm1", ID: "0123abcd", Created: time.Unix(1700000000, 7).UTC(), Ctrl: "/run/vtpmd/vm1.ctrl", Data: "/run/vtpmd/vm1.data", Running: true, StartupClear: true}
 	b, err := v.MarshalBinary()
 	require.NoError(t, err)
 	got, err := ParseVM(b)
@@ -17,7 +17,7 @@ func TestVMRoundTrip(t *testing.T) {
 	assert.Equal(t, v, got)
 
 	flags := append([]byte(nil), b...)
-	flags[len(flags)-1] = 2
+	flags[len(flags)-1] = 4
 	for _, bad := range [][]byte{nil, b[:4], b[:len(b)-1], append(append([]byte(nil), b...), 0), append([]byte("VTVM\x02"), b[5:]...), flags} {
 		_, err := ParseVM(bad)
 		assert.ErrorIs(t, err, ErrCorrupt, "%x", bad)

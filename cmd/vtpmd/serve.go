@@ -41,8 +41,12 @@ the defaults):
 const ctlUsage = `Usage: vtpmd ctl [--admin <socket>] [--json] <command> [args]
 
 Commands:
-  create [--data] <name>...  register VM TPMs (stopped) and print their QEMU
-                             arguments; --data adds a data socket
+  create [--data] [--startup-clear] <name>...
+                             register VM TPMs (stopped) and print their QEMU
+                             arguments; --data adds a data socket (for the
+                             swtpm TCTI: swtpm:path=<run dir>/<name>.data),
+                             --startup-clear powers the TPM on and starts it
+                             (for tpm2-tools; not for QEMU)
   start <name>...            start their workers
   stop <name>...             stop their workers (the state is kept)
   delete <name>...           delete stopped VM TPMs and their state
@@ -136,10 +140,12 @@ func runServe(args []string, stdout io.Writer) error {
 // `vtpmd serve` starts for each running VM.
 func runWorker(args []string) error {
 	var name, level string
+	var startupClear bool
 	fds := map[string]*int{"supervisor": new(int), "channel-fd": new(int), "ctrl-fd": new(int), "data-fd": new(int)}
 	specs := []flagSpec{
 		{long: "vm", takesValue: true, set: setString(&name)},
 		{long: "log-level", takesValue: true, set: setString(&level)},
+		{long: "startup-clear", set: setBool(&startupClear)},
 	}
 	for flag, v := range fds {
 		*v = -1
@@ -174,6 +180,8 @@ func runWorker(args []string) error {
 		Channel: os.NewFile(uintptr(*fds["channel-fd"]), "supervisor"),
 		Ctrl:    os.NewFile(uintptr(*fds["ctrl-fd"]), "ctrl"),
 		Log:     log,
+
+		StartupClear: startupClear,
 	}
 	if fd := *fds["data-fd"]; fd >= 0 {
 		c.Data = os.NewFile(uintptr(fd), "data")
@@ -193,7 +201,7 @@ const ctlParallel = 8
 func runCtl(args []string, stdout io.Writer) error {
 	_, runDir := defaultDirs()
 	admin := filepath.Join(runDir, "admin.sock")
-	var asJSON, data bool
+	var asJSON, data, startupClear bool
 	var words []string
 	for i := 0; i < len(args); i++ {
 		switch a := args[i]; {
@@ -201,6 +209,8 @@ func runCtl(args []string, stdout io.Writer) error {
 			asJSON = true
 		case a == "--data":
 			data = true
+		case a == "--startup-clear":
+			startupClear = true
 		case a == "--admin" && i+1 < len(args):
 			i++
 			admin = args[i]
@@ -220,8 +230,8 @@ func runCtl(args []string, stdout io.Writer) error {
 		return errors.New("ctl: missing command")
 	}
 	cmd, names := words[0], words[1:]
-	if data && cmd != "create" {
-		return errors.New("ctl: --data is an option of create")
+	if (data || startupClear) && cmd != "create" {
+		return errors.New("ctl: --data and --startup-clear are options of create")
 	}
 	c := serve.NewClient(admin)
 	switch cmd {
@@ -276,7 +286,7 @@ func runCtl(args []string, stdout io.Writer) error {
 			var err error
 			switch cmd {
 			case "create":
-				sts[i], err = c.Create(serve.CreateRequest{Name: name, Data: data})
+				sts[i], err = c.Create(serve.CreateRequest{Name: name, Data: data, StartupClear: startupClear})
 			case "start":
 				sts[i], err = c.Start(name)
 			case "stop":
@@ -338,6 +348,9 @@ func printStatus(w io.Writer, st serve.Status) {
 		st.Name, st.ID, st.Created.Format("2006-01-02 15:04:05Z07:00"), st.Desired, st.State, pidString(st.PID), st.Restarts, st.Ctrl)
 	if st.Data != "" {
 		fmt.Fprintf(tw, "data socket:\t%s\n", st.Data)
+	}
+	if st.StartupClear {
+		fmt.Fprintf(tw, "startup:\tpowered on and started (TPM2_Startup(CLEAR)) by every worker\n")
 	}
 	if st.LastExit != "" {
 		fmt.Fprintf(tw, "last exit:\t%s\n", st.LastExit)

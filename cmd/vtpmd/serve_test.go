@@ -698,3 +698,40 @@ func TestServeWorkerUser(t *testing.T) {
 	require.Error(t, err)
 	assert.Contains(t, stderr, "404")
 }
+
+// tpm2-tools through the swtpm TCTI (swtpm:path=<data socket>) on a VM TPM
+// created with --data --startup-clear: no CMD_INIT or TPM2_Startup needed,
+// also after its worker was killed and restarted.
+func TestServeTPM2Tools(t *testing.T) {
+	if _, err := exec.LookPath("tpm2_getrandom"); err != nil {
+		requireEnv(t, "tpm2-tools not installed: %v", err)
+	}
+	s := startServe(t, "")
+	s.ctlOK(t, "create", "--data", "--startup-clear", "tools")
+	s.ctlOK(t, "start", "tools")
+	st := s.status(t, "tools")
+	require.True(t, st.StartupClear)
+	assert.Contains(t, s.ctlOK(t, "status", "tools"), "TPM2_Startup(CLEAR)")
+	work := t.TempDir()
+	tools := func(args ...string) string {
+		t.Helper()
+		cmd := exec.Command(args[0], args[1:]...)
+		cmd.Dir = work
+		cmd.Env = append(os.Environ(), "TPM2TOOLS_TCTI=swtpm:path="+st.Data)
+		out, err := cmd.CombinedOutput()
+		require.NoError(t, err, "%s\n%s\nsupervisor:\n%s", strings.Join(args, " "), out, s.stderr.String())
+		return string(out)
+	}
+	assert.Len(t, strings.TrimSpace(tools("tpm2_getrandom", "--hex", "16")), 32)
+	tools("tpm2_nvdefine", "0x1500017", "-C", "o", "-s", "8", "-a", "ownerread|ownerwrite")
+	require.NoError(t, os.WriteFile(filepath.Join(work, "in"), []byte("serve-ok"), 0o600))
+	tools("tpm2_nvwrite", "0x1500017", "-C", "o", "-i", "in")
+	assert.Equal(t, "serve-ok", tools("tpm2_nvread", "0x1500017", "-C", "o", "-s", "8"))
+
+	require.NoError(t, syscall.Kill(st.PID, syscall.SIGKILL))
+	require.Eventually(t, func() bool {
+		now := s.status(t, "tools")
+		return now.Restarts == 1 && now.State == "running"
+	}, 20*time.Second, 20*time.Millisecond)
+	assert.Equal(t, "serve-ok", tools("tpm2_nvread", "0x1500017", "-C", "o", "-s", "8"), "after the worker's restart")
+}

@@ -10,7 +10,8 @@ import (
 // The admin API, HTTP and JSON on the admin socket:
 //
 //	GET    /v1/vms              list every VM            200 [Status]
-//	POST   /v1/vms              create {"name","data"}   201 Status
+//	POST   /v1/vms              create {"name", "data",  201 Status
+//	                            "startup_clear"}
 //	GET    /v1/vms/{name}       one VM                   200 Status
 //	POST   /v1/vms/{name}/start start its worker         200 Status
 //	POST   /v1/vms/{name}/stop  stop its worker          200 Status
@@ -35,7 +36,7 @@ func (s *Supervisor) Handler() http.Handler {
 		dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&req); err != nil {
-			reply(w, 0, nil, fmt.Errorf("%w: the body is not a create request ({\"name\": ..., \"data\": true|false}): %v", ErrBadRequest, err))
+			reply(w, 0, nil, fmt.Errorf("%w: the body is not a create request ({\"name\": ..., \"data\": true|false, \"startup_clear\": true|false}): %v", ErrBadRequest, err))
 			return
 		}
 		if dec.More() {

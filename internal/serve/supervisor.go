@@ -218,6 +218,8 @@ type Status struct {
 	Created time.Time `json:"created"`
 	Ctrl    string    `json:"ctrl"`
 	Data    string    `json:"data,omitempty"`
+	// StartupClear: every worker powers the TPM on and starts it.
+	StartupClear bool `json:"startup_clear,omitempty"`
 	// Desired is "running" or "stopped": what the supervisor keeps the VM
 	// at, also across its own restarts.
 	Desired string `json:"desired"`
@@ -244,7 +246,7 @@ func QEMUArgs(ctrl string) []string {
 }
 
 func (s *Supervisor) statusLocked(vm *state.VM) Status {
-	st := Status{Name: vm.Name, ID: vm.ID, Created: vm.Created, Ctrl: vm.Ctrl, Data: vm.Data,
+	st := Status{Name: vm.Name, ID: vm.ID, Created: vm.Created, Ctrl: vm.Ctrl, Data: vm.Data, StartupClear: vm.StartupClear,
 		Desired: "stopped", State: "stopped", QEMUArgs: QEMUArgs(vm.Ctrl)}
 	if vm.Running {
 		st.Desired = "running"
@@ -264,6 +266,10 @@ type CreateRequest struct {
 	// Data gives the VM a data socket (for clients without
 	// CMD_SET_DATAFD, like the swtpm TCTI) beside its control socket.
 	Data bool `json:"data,omitempty"`
+	// StartupClear has every worker of the VM power the TPM on and send
+	// TPM2_Startup(CLEAR), as swtpm's --flags not-need-init,startup-clear:
+	// for clients that do neither, like tpm2-tools on the data socket.
+	StartupClear bool `json:"startup_clear,omitempty"`
 }
 
 // maxSocketPath is the longest unix socket path.
@@ -279,7 +285,7 @@ func (s *Supervisor) Create(req CreateRequest) (Status, error) {
 		return Status{}, err
 	}
 	vm := &state.VM{Name: req.Name, ID: hex.EncodeToString(id), Created: time.Now().UTC(),
-		Ctrl: filepath.Join(s.cfg.RunDir, req.Name+".ctrl")}
+		Ctrl: filepath.Join(s.cfg.RunDir, req.Name+".ctrl"), StartupClear: req.StartupClear}
 	if req.Data {
 		vm.Data = filepath.Join(s.cfg.RunDir, req.Name+".data")
 	}

@@ -191,6 +191,9 @@ func (r *vmRun) runWorker() (int, error) {
 			args = append(args, "--data-fd", "5")
 		}
 	}
+	if r.vm.StartupClear {
+		args = append(args, "--startup-clear")
+	}
 	cmd := exec.Command(r.s.exe, args...)
 	cmd.Env = []string{"GOMAXPROCS=1"}
 	cmd.Stderr = r.s.cfg.WorkerLog

@@ -30,6 +30,9 @@ type Config struct {
 	Data *os.File
 	// Log receives the worker's logs; it carries the VM's name.
 	Log *slog.Logger
+	// StartupClear powers the TPM on and sends TPM2_Startup(CLEAR) before
+	// serving (swtpm's --flags not-need-init,startup-clear).
+	StartupClear bool
 }
 
 // ErrSupervisorGone means the socketpair to the supervisor closed.
@@ -65,6 +68,16 @@ func Run(ctx context.Context, c Config) error {
 	})
 	if err != nil {
 		return err
+	}
+	if c.StartupClear {
+		err := dev.Init(false)
+		if err == nil {
+			err = dev.Startup(vtpm.StartupClear)
+		}
+		if err != nil {
+			dev.Close()
+			return fmt.Errorf("power on and start the TPM: %w", err)
+		}
 	}
 	srv := &transport.Server{TPM: dev, Log: log, DataChannel: c.Data != nil}
 	var listeners []net.Listener
