@@ -307,7 +307,7 @@ func (s *serveTPM) list(t *testing.T) []serve.Status {
 func TestServeManyVMs(t *testing.T) {
 	const (
 		vms         = 100
-		rounds      = 15
+		rounds      = 40
 		listBound   = 5 * time.Second
 		victimIndex = 42
 	)

@@ -34,7 +34,13 @@
 // after a crash, serves the same paths and a client can connect again. The
 // worker serves them itself with a transport.Server (no extra hop). It runs
 // with GOMAXPROCS=1, no_new_privs, PR_SET_PDEATHSIG, no core dumps, in its
-// own process group, with no descriptors but its own.
+// own process group, with no descriptors but its own, and, with
+// worker_user set (--worker-user), as that unprivileged user with no
+// supplementary groups. Like a freshly started swtpm, a new worker's TPM
+// waits for CMD_INIT, unless the VM was created with startup_clear
+// (--startup-clear), when every worker powers it on and sends
+// TPM2_Startup(CLEAR) itself, as swtpm's --flags
+// not-need-init,startup-clear: for tpm2-tools on the data socket.
 //
 // Supervisor and worker speak package workerproto over a socketpair: the
 // supervisor hands the worker its VM's state key (never in argv, the
@@ -54,7 +60,8 @@
 // state, after a delay that doubles from 100 ms to 10 s while it keeps
 // dying (logged with the VM's name); its client's in-flight command fails,
 // the client connects again to the same socket and finds a new TPM process
-// that, like a freshly started swtpm, waits for CMD_INIT. Other VMs notice
+// that, like a freshly started swtpm, waits for CMD_INIT (or is started
+// already, with startup_clear). Other VMs notice
 // nothing: their workers and the store are untouched. A worker that ended
 // after CMD_SHUTDOWN (QEMU is done with the TPM) is replaced at once, ready
 // for the next QEMU.

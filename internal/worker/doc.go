@@ -21,6 +21,8 @@
 // (sharing its fsync with the other workers' records) and acknowledges it.
 // Only then does Save return, so no TPM response leaves before its state is
 // stored. Loading asks the supervisor for the VM's record the same way.
+// With StartupClear the worker powers the TPM on and starts it before it
+// serves.
 //
 // The worker ends on SIGTERM (the supervisor stops the VM), after
 // CMD_SHUTDOWN (QEMU is done with the TPM; the supervisor starts a fresh
