@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -87,11 +88,19 @@ func TestAPIRegistry(t *testing.T) {
 	assert.Equal(t, http.StatusInternalServerError, code, body)
 	assert.Contains(t, body, "did not start")
 	assert.Contains(t, body, "no-such-vtpmd")
+	// It is tried again after 100 ms, 200 ms, 400 ms, 800 ms...
+	time.Sleep(1200 * time.Millisecond)
+	st, err := s.VM("vm1")
+	require.NoError(t, err)
+	assert.Equal(t, "running", st.Desired)
+	assert.Equal(t, "restarting", st.State)
+	assert.GreaterOrEqual(t, st.Restarts, 3, "restarts within 1.2 s")
+	assert.LessOrEqual(t, st.Restarts, 5, "restarts within 1.2 s")
 	code, body = do(t, h, "DELETE", "/v1/vms/vm1", "")
 	assert.Equal(t, http.StatusConflict, code, body)
 	code, body = do(t, h, "POST", "/v1/vms/vm1/stop", "")
 	assert.Equal(t, http.StatusOK, code, body)
-	_, err := os.Stat(st.Ctrl)
+	_, err = os.Stat(st.Ctrl)
 	assert.ErrorIs(t, err, os.ErrNotExist)
 	code, body = do(t, h, "DELETE", "/v1/vms/vm1", "")
 	assert.Equal(t, http.StatusOK, code, body)
