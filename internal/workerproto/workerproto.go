@@ -157,13 +157,15 @@ func Marshal(m Message) ([]byte, error) {
 	return b, nil
 }
 
-// WriteMessage writes m as one frame in one write.
+// WriteMessage writes m as one frame in one write. The frame is wiped
+// afterwards: it may hold a key.
 func WriteMessage(w io.Writer, m Message) error {
 	b, err := Marshal(m)
 	if err != nil {
 		return err
 	}
 	_, err = w.Write(b)
+	clear(b)
 	return err
 }
 
@@ -185,7 +187,9 @@ func ReadMessage(r io.Reader) (Message, error) {
 		}
 		return nil, err
 	}
-	return DecodeMessage(b)
+	m, err := DecodeMessage(b)
+	clear(b) // the message does not alias it, and it may hold a key
+	return m, err
 }
 
 // DecodeMessage decodes one frame's contents (the type byte and the
