@@ -92,9 +92,16 @@ type ioctlResult struct {
 // runIoctl runs `swtpm_ioctl --unix ctrl args...`, optionally with stdin.
 func runIoctl(t *testing.T, ctrl string, stdin []byte, args ...string) ioctlResult {
 	t.Helper()
+	return runControlTool(t, stdin, "swtpm_ioctl", append([]string{"--unix", ctrl}, args...)...)
+}
+
+// runControlTool runs a command to completion (at most 30 s), optionally
+// with stdin, and returns what it printed and its exit code.
+func runControlTool(t *testing.T, stdin []byte, name string, args ...string) ioctlResult {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "swtpm_ioctl", append([]string{"--unix", ctrl}, args...)...)
+	cmd := exec.CommandContext(ctx, name, args...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if stdin != nil {
@@ -108,7 +115,7 @@ func runIoctl(t *testing.T, ctrl string, stdin []byte, args ...string) ioctlResu
 	case errors.As(err, &exitErr):
 		res.code = exitErr.ExitCode()
 	default:
-		t.Fatalf("swtpm_ioctl %v: %v", args, err)
+		t.Fatalf("%s %v: %v", name, args, err)
 	}
 	return res
 }

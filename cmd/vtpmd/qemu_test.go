@@ -166,17 +166,22 @@ func (g *guestMachine) run(t *testing.T) {
 	d.waitExit(t, exitTimeout)
 	t.Logf("second QEMU run (1 boot) took %v", time.Since(start).Round(time.Millisecond))
 
-	// Every boot starts the TPM (TPM2_Startup(CLEAR) by the firmware): a TPM
-	// Reset increments resetCount, a TPM Restart restartCount. Both are kept
-	// in the TPM's NV state, so the pair must grow from boot to boot, also
-	// across daemon restarts.
+	g.checkBoots(t)
+}
+
+// checkBoots compares the boots seen so far. Every boot starts the TPM
+// (TPM2_Startup(CLEAR) by the firmware): a TPM Reset increments resetCount,
+// a TPM Restart restartCount. Both are kept in the TPM's NV state, so the
+// pair must grow from boot to boot, also across daemon restarts. The
+// firmware measures the same things on every boot; equal PCRs show that
+// each reset also reset the PCRs.
+func (g *guestMachine) checkBoots(t *testing.T) {
+	t.Helper()
 	for i := 1; i < len(g.boots); i++ {
 		prev, cur := g.boots[i-1], g.boots[i]
 		assert.True(t, cur.clock.after(prev.clock), "TPM reset/restart counters did not advance from %s %+v to %s %+v",
 			prev.what, prev.clock, cur.what, cur.clock)
 	}
-	// The firmware measures the same things on every boot; equal PCRs show
-	// that each reset also reset the PCRs.
 	for _, pcr := range g.fw.stablePCRs {
 		for _, b := range g.boots[1:] {
 			assert.Equal(t, g.boots[0].pcrs[pcr], b.pcrs[pcr], "PCR %d differs between %s and %s", pcr, g.boots[0].what, b.what)

@@ -638,16 +638,7 @@ func TestServeQEMUBoot(t *testing.T) {
 	vm.waitExit(t, exitTimeout)
 	t.Logf("second QEMU run (1 boot) took %v", time.Since(start).Round(time.Millisecond))
 
-	for i := 1; i < len(g.boots); i++ {
-		prev, cur := g.boots[i-1], g.boots[i]
-		assert.True(t, cur.clock.after(prev.clock), "TPM reset/restart counters did not advance from %s %+v to %s %+v",
-			prev.what, prev.clock, cur.what, cur.clock)
-	}
-	for _, pcr := range g.fw.stablePCRs {
-		for _, b := range g.boots[1:] {
-			assert.Equal(t, g.boots[0].pcrs[pcr], b.pcrs[pcr], "PCR %d differs between %s and %s", pcr, g.boots[0].what, b.what)
-		}
-	}
+	g.checkBoots(t)
 }
 
 // A worker runs with no_new_privs, without core dumps, with GOMAXPROCS=1

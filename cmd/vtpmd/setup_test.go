@@ -470,25 +470,7 @@ func TestLibvirtSequenceWithVtpmd(t *testing.T) {
 // vtpmdIoctl runs `vtpmd ioctl --unix ctrl args...`.
 func vtpmdIoctl(t *testing.T, ctrl string, stdin []byte, args ...string) ioctlResult {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, daemonPath, append([]string{"ioctl", "--unix", ctrl}, args...)...)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if stdin != nil {
-		cmd.Stdin = bytes.NewReader(stdin)
-	}
-	err := cmd.Run()
-	res := ioctlResult{stdout: stdout.String(), stderr: stderr.String()}
-	var exitErr *exec.ExitError
-	switch {
-	case err == nil:
-	case errors.As(err, &exitErr):
-		res.code = exitErr.ExitCode()
-	default:
-		t.Fatalf("vtpmd ioctl %v: %v", args, err)
-	}
-	return res
+	return runControlTool(t, stdin, daemonPath, append([]string{"ioctl", "--unix", ctrl}, args...)...)
 }
 
 // TestIoctlToolMatchesSwtpmIoctl runs each command with swtpm_ioctl and
