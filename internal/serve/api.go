@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 )
 
@@ -32,15 +33,9 @@ func (s *Supervisor) Handler() http.Handler {
 		reply(w, http.StatusOK, list, err)
 	})
 	mux.HandleFunc("POST /v1/vms", func(w http.ResponseWriter, r *http.Request) {
-		var req CreateRequest
-		dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
-		dec.DisallowUnknownFields()
-		if err := dec.Decode(&req); err != nil {
-			reply(w, 0, nil, fmt.Errorf("%w: the body is not a create request ({\"name\": ..., \"data\": true|false, \"startup_clear\": true|false}): %v", ErrBadRequest, err))
-			return
-		}
-		if dec.More() {
-			reply(w, 0, nil, fmt.Errorf("%w: more than one JSON value in the body", ErrBadRequest))
+		req, err := DecodeCreateRequest(http.MaxBytesReader(w, r.Body, maxBody))
+		if err != nil {
+			reply(w, 0, nil, err)
 			return
 		}
 		st, err := s.Create(req)
@@ -62,6 +57,21 @@ func (s *Supervisor) Handler() http.Handler {
 		reply(w, http.StatusOK, struct{}{}, s.Delete(r.PathValue("name")))
 	})
 	return mux
+}
+
+// DecodeCreateRequest reads a create request: one JSON object with no
+// fields but the known ones. Its errors wrap ErrBadRequest.
+func DecodeCreateRequest(body io.Reader) (CreateRequest, error) {
+	var req CreateRequest
+	dec := json.NewDecoder(body)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		return req, fmt.Errorf("%w: the body is not a create request ({\"name\": ..., \"data\": true|false, \"startup_clear\": true|false}): %v", ErrBadRequest, err)
+	}
+	if dec.More() {
+		return req, fmt.Errorf("%w: more than one JSON value in the body", ErrBadRequest)
+	}
+	return req, nil
 }
 
 // apiError is the body of an error reply.
