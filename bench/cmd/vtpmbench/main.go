@@ -7,7 +7,9 @@
 // engine in process. Results go to the terminal and, as markdown, SVG and
 // JSON, to the results directory.
 //
-//	vtpmbench -vtpmd bin/vtpmd [-swtpm /usr/bin/swtpm] [-vms 1,4,16,64,256] [-ops all] [-duration 3s]
+// With -serve it also measures `vtpmd serve`, one supervisor for every VM.
+//
+//	vtpmbench -vtpmd bin/vtpmd [-serve] [-swtpm /usr/bin/swtpm] [-vms 1,4,16,64,256] [-ops all] [-duration 3s]
 package main
 
 import (
@@ -50,6 +52,7 @@ func main() {
 func run() error {
 	var (
 		vtpmd    = flag.String("vtpmd", "bin/vtpmd", "the vtpmd binary to measure (`make build` makes bin/vtpmd)")
+		serve    = flag.Bool("serve", false, "also measure vtpmd serve (daemon \"vtpmd-serve\"): every VM a worker of one supervisor with one shared store, created and started with vtpmd ctl")
 		vtpmdEnv = flag.String("vtpmd-env", "", "comma-separated `VAR=value` settings added to vtpmd's environment, e.g. GOMAXPROCS=1")
 		swtpm    = flag.String("swtpm", "", "the swtpm binary to compare with; default: swtpm on $PATH if installed; \"none\" to skip")
 		vms      = flag.String("vms", "1,4,16,64,256", "comma-separated numbers of VMs to run at once")
@@ -108,6 +111,9 @@ func run() error {
 		}
 	default:
 		cfg.Daemons = append(cfg.Daemons, driver.Daemon{Name: "swtpm", Path: *swtpm})
+	}
+	if *serve {
+		cfg.Daemons = append(cfg.Daemons, driver.Daemon{Name: "vtpmd-serve", Path: path, Env: env, Serve: true})
 	}
 	if *echo {
 		exe, err := os.Executable()

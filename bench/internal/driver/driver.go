@@ -30,6 +30,9 @@ type Daemon struct {
 	Path string
 	// Env is added to its environment, e.g. GOMAXPROCS=1.
 	Env []string
+	// Serve runs every VM under one `vtpmd serve` supervisor, created and
+	// started with `vtpmd ctl`, instead of one `Path socket` per VM.
+	Serve bool
 }
 
 // Config configures a run.
@@ -77,12 +80,14 @@ type vm struct {
 
 // run is the state of one Run.
 type run struct {
-	cfg    Config
-	base   string
-	kinds  []fleet.Kind
-	fleets map[string][]*vm
-	echo   []*fleet.Instance
-	rep    *report.Report
+	cfg   Config
+	base  string
+	kinds []fleet.Kind
+	// servers are the supervisors of the Serve daemons.
+	servers []*fleet.Server
+	fleets  map[string][]*vm
+	echo    []*fleet.Instance
+	rep     *report.Report
 }
 
 // Run runs the benchmark. Every process it starts is ended before it
@@ -122,7 +127,13 @@ func Run(ctx context.Context, cfg Config) (*report.Report, error) {
 		// vtpmd seals state under a host key, kept in the run's directory
 		// rather than the system's; swtpm ignores the variable.
 		env := append([]string{"VTPMD_HOST_KEY=" + filepath.Join(base, "host.key")}, d.Env...)
-		r.kinds = append(r.kinds, fleet.Daemon(d.Name, d.Path, env))
+		if d.Serve {
+			srv := fleet.NewServer(d.Path, filepath.Join(base, d.Name), env)
+			r.servers = append(r.servers, srv)
+			r.kinds = append(r.kinds, fleet.ServeDaemon(d.Name, srv))
+		} else {
+			r.kinds = append(r.kinds, fleet.Daemon(d.Name, d.Path, env))
+		}
 		r.rep.Daemons = append(r.rep.Daemons, d.Name)
 	}
 	defer func() {
@@ -264,6 +275,11 @@ func (r *run) level(ctx context.Context, n int) error {
 	for _, k := range r.kinds {
 		if err := r.grow(ctx, k, n); err != nil {
 			return err
+		}
+		if k.Serve != nil {
+			// The VMs share the supervisor and its store: no memory per
+			// instance to compare.
+			continue
 		}
 		if err := r.memory(k.Name, n); err != nil {
 			return err
@@ -547,7 +563,11 @@ func (r *run) stopAll() error {
 	}
 	all = append(all, r.echo...)
 	r.cfg.progress("stopping %d processes", len(all))
-	return fleet.StopAll(all, 10*time.Second)
+	err := fleet.StopAll(all, 10*time.Second)
+	for _, s := range r.servers {
+		err = errors.Join(err, s.Stop(10*time.Second))
+	}
+	return err
 }
 
 // machine describes this machine and the daemons' versions.

@@ -52,8 +52,9 @@ func TestDriverAgainstVtpmd(t *testing.T) {
 	self, err := os.Executable()
 	require.NoError(t, err)
 	var progress []string
+	bin := buildVtpmd(t)
 	cfg := Config{
-		Daemons:        []Daemon{{Name: "vtpmd", Path: buildVtpmd(t)}},
+		Daemons:        []Daemon{{Name: "vtpmd", Path: bin}, {Name: "vtpmd-serve", Path: bin, Serve: true}},
 		EchoArgv:       []string{"/usr/bin/env", echoEnv + "=1", self},
 		Engine:         true,
 		VMs:            []int{1},
@@ -71,13 +72,15 @@ func TestDriverAgainstVtpmd(t *testing.T) {
 	assert.NotEmpty(t, progress)
 
 	for _, op := range workload.All() {
-		c, ok := rep.Cell("vtpmd", op.Name, 1)
-		require.True(t, ok, op.Name)
-		assert.Zero(t, c.Errors, "%s: %s", op.Name, c.FirstError)
-		assert.Positive(t, c.Ops, op.Name)
-		assert.Positive(t, c.OpsPerSec, op.Name)
-		assert.True(t, c.P50 > 0 && c.P50 <= c.P99 && c.P99 <= c.Max, "%s: p50 %v p99 %v max %v", op.Name, c.P50, c.P99, c.Max)
-		assert.GreaterOrEqual(t, c.CPUPer1000, 0.0, op.Name)
+		for _, d := range []string{"vtpmd", "vtpmd-serve"} {
+			c, ok := rep.Cell(d, op.Name, 1)
+			require.True(t, ok, "%s %s", d, op.Name)
+			assert.Zero(t, c.Errors, "%s %s: %s", d, op.Name, c.FirstError)
+			assert.Positive(t, c.Ops, "%s %s", d, op.Name)
+			assert.Positive(t, c.OpsPerSec, "%s %s", d, op.Name)
+			assert.True(t, c.P50 > 0 && c.P50 <= c.P99 && c.P99 <= c.Max, "%s %s: p50 %v p99 %v max %v", d, op.Name, c.P50, c.P99, c.Max)
+			assert.GreaterOrEqual(t, c.CPUPer1000, 0.0, "%s %s", d, op.Name)
+		}
 
 		for _, store := range []string{"memory", "file", "vtpmd"} {
 			e, ok := rep.EngineCell(op.Name, store)
@@ -96,9 +99,11 @@ func TestDriverAgainstVtpmd(t *testing.T) {
 	assert.Positive(t, m.RSSKiB)
 	assert.Positive(t, m.PSSKiB)
 	for _, state := range []string{"new", "existing"} {
-		s, ok := rep.StartupOf("vtpmd", state)
-		require.True(t, ok, state)
-		assert.Positive(t, s.Median, state)
+		for _, d := range []string{"vtpmd", "vtpmd-serve"} {
+			s, ok := rep.StartupOf(d, state)
+			require.True(t, ok, "%s %s", d, state)
+			assert.Positive(t, s.Median, "%s %s", d, state)
+		}
 	}
 
 	var text, md, svg bytes.Buffer
@@ -107,5 +112,6 @@ func TestDriverAgainstVtpmd(t *testing.T) {
 	require.NoError(t, rep.SVG(&svg))
 	assert.Contains(t, text.String(), "getrandom")
 	assert.Contains(t, md.String(), "| getrandom | 1 |")
+	assert.Contains(t, md.String(), "vtpmd-serve ops/s")
 	assert.True(t, strings.HasPrefix(svg.String(), "<svg"), "SVG starts with <svg")
 }

@@ -1,7 +1,8 @@
 // Package fleet starts and stops the daemons under test: one process per VM,
 // each with its own state directory and unix control and data sockets, the
-// way libvirt starts swtpm. Every process it starts is recorded, so that
-// KillAll can end them all however the benchmark ends.
+// way libvirt starts swtpm, or every VM a worker of one `vtpmd serve`
+// supervisor (Server). Every process it starts is recorded, so that KillAll
+// can end them all however the benchmark ends.
 package fleet
 
 import (
@@ -32,6 +33,9 @@ type Kind struct {
 	// Probe is the first command sent on a new data connection; the time
 	// to its answer is the start-up time.
 	Probe func(d *client.Data) error
+	// Serve, when set, runs the VMs as workers of one `vtpmd serve`
+	// supervisor instead of one process each; Argv is then unused.
+	Serve *Server
 }
 
 // Daemon is the Kind of a swtpm-compatible daemon at path, started as
@@ -80,10 +84,32 @@ type Instance struct {
 	cmd  *exec.Cmd
 	log  *os.File
 	done chan struct{}
+
+	// dataPath and ctrlPath are the sockets.
+	dataPath, ctrlPath string
+	// sup is the supervisor serving a VM of a Serve kind, whose name is
+	// name; cmd and log are then nil and done is the supervisor's.
+	sup     *Server
+	supProc *Instance
+	name    string
 }
 
-// Pid is the process id.
-func (in *Instance) Pid() int { return in.cmd.Process.Pid }
+// Pid is the process id; for a VM of a Serve kind, the supervisor's.
+func (in *Instance) Pid() int {
+	if in.supProc != nil {
+		return in.supProc.Pid()
+	}
+	return in.cmd.Process.Pid
+}
+
+// pids returns the processes that serve the instance: for a VM of a Serve
+// kind, the supervisor and all its workers.
+func (in *Instance) pids() []int {
+	if in.sup != nil {
+		return in.sup.pids()
+	}
+	return []int{in.cmd.Process.Pid}
+}
 
 var (
 	liveMu sync.Mutex
@@ -97,15 +123,32 @@ var ReadyTimeout = 20 * time.Second
 // until it answers its first command and, for a daemon, checks the control
 // channel with CMD_GET_CAPABILITY.
 func Start(kind Kind, dir string) (*Instance, error) {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, err
+	if kind.Serve != nil {
+		return kind.Serve.startVM(kind, dir)
 	}
-	logf, err := os.OpenFile(filepath.Join(dir, "stderr.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	in, start, err := startProcess(kind, dir)
 	if err != nil {
 		return nil, err
 	}
+	if err := in.connect(start); err != nil {
+		in.Kill()
+		return nil, fmt.Errorf("%s in %s: %w%s", kind.Name, dir, err, in.tail())
+	}
+	return in, nil
+}
+
+// startProcess starts kind's process in dir and registers it.
+func startProcess(kind Kind, dir string) (*Instance, time.Time, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, time.Time{}, err
+	}
+	logf, err := os.OpenFile(filepath.Join(dir, "stderr.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, time.Time{}, err
+	}
 	argv := kind.Argv(dir)
-	in := &Instance{Kind: kind, Dir: dir, log: logf, done: make(chan struct{})}
+	in := &Instance{Kind: kind, Dir: dir, log: logf, done: make(chan struct{}),
+		dataPath: filepath.Join(dir, "data"), ctrlPath: filepath.Join(dir, "ctrl")}
 	in.cmd = exec.Command(argv[0], argv[1:]...)
 	in.cmd.Stdout, in.cmd.Stderr = logf, logf
 	if len(kind.Env) > 0 {
@@ -125,31 +168,26 @@ func Start(kind Kind, dir string) (*Instance, error) {
 	if err != nil {
 		forget(in)
 		logf.Close()
-		return nil, fmt.Errorf("start %s: %w", kind.Name, err)
+		return nil, time.Time{}, fmt.Errorf("start %s: %w", kind.Name, err)
 	}
 	go func() {
 		_ = in.cmd.Wait()
 		close(in.done)
 	}()
-	if err := in.connect(start); err != nil {
-		in.Kill()
-		return nil, fmt.Errorf("%s in %s: %w%s", kind.Name, dir, err, in.tail())
-	}
-	return in, nil
+	return in, start, nil
 }
 
 func (in *Instance) connect(start time.Time) error {
 	deadline := start.Add(ReadyTimeout)
-	data := filepath.Join(in.Dir, "data")
 	for {
-		d, err := client.DialData(data)
+		d, err := client.DialData(in.dataPath)
 		if err == nil {
 			in.Data = d
 			break
 		}
 		select {
 		case <-in.done:
-			return fmt.Errorf("exited before it served: %v", in.cmd.ProcessState)
+			return errors.New("exited before it served")
 		default:
 		}
 		if time.Now().After(deadline) {
@@ -170,7 +208,7 @@ func (in *Instance) connect(start time.Time) error {
 	if in.Kind.NoCtrl {
 		return nil
 	}
-	c, err := client.DialCtrl(filepath.Join(in.Dir, "ctrl"))
+	c, err := client.DialCtrl(in.ctrlPath)
 	if err != nil {
 		return fmt.Errorf("control socket: %w", err)
 	}
@@ -186,7 +224,11 @@ func (in *Instance) connect(start time.Time) error {
 }
 
 func (in *Instance) tail() string {
-	b, err := os.ReadFile(filepath.Join(in.Dir, "stderr.log"))
+	dir := in.Dir
+	if in.sup != nil {
+		dir = in.sup.Dir
+	}
+	b, err := os.ReadFile(filepath.Join(dir, "stderr.log"))
 	if err != nil || len(b) == 0 {
 		return ""
 	}
@@ -207,6 +249,9 @@ func forget(in *Instance) {
 func (in *Instance) Stop(timeout time.Duration) error {
 	defer forget(in)
 	in.closeConns()
+	if in.sup != nil {
+		return in.sup.ctl(timeout, "stop", in.name)
+	}
 	_ = in.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-in.done:
@@ -222,6 +267,9 @@ func (in *Instance) Stop(timeout time.Duration) error {
 func (in *Instance) Kill() {
 	defer forget(in)
 	in.closeConns()
+	if in.sup != nil {
+		return // the supervisor is killed on its own
+	}
 	_ = in.cmd.Process.Kill()
 	<-in.done
 	in.log.Close()

@@ -42,17 +42,51 @@ func CPUTime(pid int) (time.Duration, error) {
 	return time.Duration(ticks) * time.Second / userHZ, nil
 }
 
+// allPids returns the processes serving the instances, each once.
+func allPids(ins []*Instance) []int {
+	seen := map[int]bool{}
+	var out []int
+	for _, in := range ins {
+		for _, pid := range in.pids() {
+			if !seen[pid] {
+				seen[pid] = true
+				out = append(out, pid)
+			}
+		}
+	}
+	return out
+}
+
 // TotalCPU sums CPUTime over the instances' processes.
 func TotalCPU(ins []*Instance) (time.Duration, error) {
 	var sum time.Duration
-	for _, in := range ins {
-		t, err := CPUTime(in.Pid())
+	for _, pid := range allPids(ins) {
+		t, err := CPUTime(pid)
 		if err != nil {
 			return 0, err
 		}
 		sum += t
 	}
 	return sum, nil
+}
+
+// children returns the child processes of pid, from
+// /proc/<pid>/task/*/children.
+func children(pid int) []int {
+	tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	var out []int
+	for _, t := range tasks {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/children", pid, t.Name()))
+		if err != nil {
+			continue
+		}
+		for _, f := range strings.Fields(string(b)) {
+			if n, err := strconv.Atoi(f); err == nil {
+				out = append(out, n)
+			}
+		}
+	}
+	return out
 }
 
 // Memory is a process's resident and proportional set sizes in KiB.
@@ -128,8 +162,8 @@ func ContextSwitches(pid int) (int64, error) {
 // TotalContextSwitches sums ContextSwitches over the instances' processes.
 func TotalContextSwitches(ins []*Instance) (int64, error) {
 	var sum int64
-	for _, in := range ins {
-		n, err := ContextSwitches(in.Pid())
+	for _, pid := range allPids(ins) {
+		n, err := ContextSwitches(pid)
 		if err != nil {
 			return 0, err
 		}

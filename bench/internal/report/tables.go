@@ -305,6 +305,67 @@ func (r *Report) startupTable() table {
 	return t
 }
 
+// daemonsTable puts every daemon side by side, for runs that measure more
+// than the subject and the baseline (e.g. vtpmd-serve).
+func (r *Report) daemonsTable() table {
+	t := table{title: "Every daemon: throughput, latency and daemon CPU per operation and number of VMs"}
+	first := r.Daemons[0]
+	t.header = []string{"op", "VMs"}
+	for _, d := range r.Daemons {
+		t.header = append(t.header, d+" ops/s")
+	}
+	for _, d := range r.Daemons[1:] {
+		t.header = append(t.header, d+" / "+first)
+	}
+	for _, d := range r.Daemons {
+		t.header = append(t.header, d+" p50", d+" p99")
+	}
+	for _, d := range r.Daemons {
+		t.header = append(t.header, d+" CPU s/1k ops")
+	}
+	t.header = append(t.header, "errors")
+	t.notes = append(t.notes, fmt.Sprintf("ratio = daemon / %s ops/s in the same run; CPU of a daemon is that of all its processes (for vtpmd-serve: the supervisor and its workers).", first))
+	for _, op := range r.Ops {
+		for _, n := range r.Settings.VMs {
+			cells := make([]Cell, len(r.Daemons))
+			found := false
+			var errs int64
+			firstErr := ""
+			for i, d := range r.Daemons {
+				c, ok := r.Cell(d, op.Name, n)
+				found = found || ok
+				cells[i] = c
+				errs += c.Errors
+				if firstErr == "" {
+					firstErr = c.FirstError
+				}
+			}
+			if !found {
+				continue
+			}
+			row := []string{op.Name, strconv.Itoa(n)}
+			for _, c := range cells {
+				row = append(row, fmtRate(c.OpsPerSec))
+			}
+			for _, c := range cells[1:] {
+				row = append(row, fmtRatio(ratio(c.OpsPerSec, cells[0].OpsPerSec)))
+			}
+			for _, c := range cells {
+				row = append(row, fmtDur(c.P50), fmtDur(c.P99))
+			}
+			for _, c := range cells {
+				row = append(row, fmtCPU(c.CPUPer1000))
+			}
+			errText := strconv.FormatInt(errs, 10)
+			if errs > 0 {
+				errText += " (" + firstErr + ")"
+			}
+			t.rows = append(t.rows, append(row, errText))
+		}
+	}
+	return t
+}
+
 func (r *Report) opsTable() table {
 	t := table{title: "Operations (command bytes marshalled once; each response code must be 0)", header: []string{"op", "commands"}}
 	for _, op := range r.Ops {
@@ -320,6 +381,9 @@ func (r *Report) tables() []table {
 		ts = append(ts, r.headlineTable())
 	}
 	ts = append(ts, r.loadTable())
+	if len(r.Daemons) > 2 || (len(r.Daemons) == 2 && !r.HasBaseline()) {
+		ts = append(ts, r.daemonsTable())
+	}
 	if len(r.Engine) > 0 || r.hasEcho() {
 		ts = append(ts, r.floorTable())
 	}

@@ -1,0 +1,145 @@
+package fleet
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"time"
+)
+
+// Server is one `vtpmd serve` supervisor serving every VM of a Kind: each
+// VM is created and started with `vtpmd ctl`, runs in a worker process of
+// the supervisor, and has the data socket <run dir>/<name>.data and the
+// control socket <run dir>/<name>.ctrl. The workers die with the
+// supervisor (PDEATHSIG).
+type Server struct {
+	// Path is the vtpmd binary; Dir holds the state store, the run
+	// directory and the supervisor's stderr.log.
+	Path, Dir string
+	Env       []string
+
+	mu      sync.Mutex
+	in      *Instance // the supervisor, once started
+	created map[string]bool
+}
+
+// NewServer returns a Server that runs path in dir with env added to the
+// environment; the supervisor starts with the first VM.
+func NewServer(path, dir string, env []string) *Server {
+	return &Server{Path: path, Dir: dir, Env: env, created: map[string]bool{}}
+}
+
+// ServeDaemon is the Kind of the VMs served by s.
+func ServeDaemon(name string, s *Server) Kind {
+	return Kind{Name: name, Env: s.Env, Serve: s, Probe: probeGetRandom}
+}
+
+func (s *Server) runDir() string { return filepath.Join(s.Dir, "run") }
+
+func (s *Server) admin() string { return filepath.Join(s.runDir(), "admin.sock") }
+
+// ensure starts the supervisor if it is not running and waits for its
+// admin socket.
+func (s *Server) ensure() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.in != nil && !s.in.Exited() {
+		return nil
+	}
+	kind := Kind{Name: "vtpmd serve", Env: s.Env, NoCtrl: true, Argv: func(dir string) []string {
+		return []string{s.Path, "serve", "--state-dir", filepath.Join(dir, "state"), "--run-dir", s.runDir(), "--admin", s.admin()}
+	}}
+	in, start, err := startProcess(kind, s.Dir)
+	if err != nil {
+		return err
+	}
+	for {
+		if _, err := os.Stat(s.admin()); err == nil {
+			break
+		}
+		if in.Exited() {
+			return fmt.Errorf("vtpmd serve exited before it served%s", in.tail())
+		}
+		if time.Since(start) > ReadyTimeout {
+			in.Kill()
+			return fmt.Errorf("vtpmd serve: no admin socket after %v%s", ReadyTimeout, in.tail())
+		}
+		time.Sleep(time.Millisecond)
+	}
+	s.in = in
+	s.created = map[string]bool{}
+	return nil
+}
+
+// ctl runs `vtpmd ctl` with args.
+func (s *Server) ctl(timeout time.Duration, args ...string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	argv := append([]string{"ctl", "--admin", s.admin()}, args...)
+	out, err := exec.CommandContext(ctx, s.Path, argv...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("vtpmd %v: %w: %s", argv, err, out)
+	}
+	return nil
+}
+
+// startVM creates (once) and starts the VM named after dir's last element,
+// and connects to it. Ready counts from `vtpmd ctl start`.
+func (s *Server) startVM(kind Kind, dir string) (*Instance, error) {
+	if err := s.ensure(); err != nil {
+		return nil, err
+	}
+	name := filepath.Base(dir)
+	s.mu.Lock()
+	sup, created := s.in, s.created[name]
+	s.mu.Unlock()
+	if !created {
+		if err := s.ctl(ReadyTimeout, "create", "--data", "--startup-clear", name); err != nil {
+			return nil, err
+		}
+		s.mu.Lock()
+		s.created[name] = true
+		s.mu.Unlock()
+	}
+	in := &Instance{Kind: kind, Dir: dir, done: sup.done, sup: s, supProc: sup, name: name,
+		dataPath: filepath.Join(s.runDir(), name+".data"), ctrlPath: filepath.Join(s.runDir(), name+".ctrl")}
+	liveMu.Lock()
+	live[in] = true
+	liveMu.Unlock()
+	start := time.Now()
+	if err := s.ctl(ReadyTimeout, "start", name); err != nil {
+		in.Kill()
+		return nil, err
+	}
+	if err := in.connect(start); err != nil {
+		in.Kill()
+		return nil, fmt.Errorf("%s %s: %w%s", kind.Name, name, err, in.tail())
+	}
+	return in, nil
+}
+
+// pids returns the supervisor and its workers.
+func (s *Server) pids() []int {
+	s.mu.Lock()
+	in := s.in
+	s.mu.Unlock()
+	if in == nil {
+		return nil
+	}
+	return append([]int{in.Pid()}, children(in.Pid())...)
+}
+
+// Stop stops the supervisor, if it runs, as Instance.Stop does.
+func (s *Server) Stop(timeout time.Duration) error {
+	s.mu.Lock()
+	in := s.in
+	s.in = nil
+	s.mu.Unlock()
+	if in == nil || in.Exited() {
+		return nil
+	}
+	return in.Stop(timeout)
+}
