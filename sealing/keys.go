@@ -88,27 +88,34 @@ func (h *HostKey) read() ([]byte, error) {
 }
 
 func (h *HostKey) create() ([]byte, error) {
-	if err := os.MkdirAll(filepath.Dir(h.Path), 0o700); err != nil {
+	dir := filepath.Dir(h.Path)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create host key: %w", err)
 	}
 	secret := make([]byte, hostKeySize)
 	if _, err := rand.Read(secret); err != nil {
 		return nil, fmt.Errorf("create host key: %w", err)
 	}
-	f, err := os.OpenFile(h.Path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-	if errors.Is(err, fs.ErrExist) {
-		return h.read() // another process made it first
-	}
+	// Written whole to a temporary file, then linked into place, which
+	// fails if the key exists: a concurrent reader never sees a partial key,
+	// and a concurrent creator's key wins.
+	tmp, err := os.CreateTemp(dir, ".host.key-")
 	if err != nil {
 		return nil, fmt.Errorf("create host key: %w", err)
 	}
-	_, err = f.Write(secret)
-	err = errors.Join(err, f.Sync(), f.Close())
+	defer os.Remove(tmp.Name())
+	_, err = tmp.Write(secret)
+	err = errors.Join(err, tmp.Chmod(0o600), tmp.Sync(), tmp.Close())
 	if err == nil {
-		err = syncDir(filepath.Dir(h.Path))
+		err = os.Link(tmp.Name(), h.Path)
+		if errors.Is(err, fs.ErrExist) {
+			return h.read()
+		}
+	}
+	if err == nil {
+		err = syncDir(dir)
 	}
 	if err != nil {
-		os.Remove(h.Path)
 		return nil, fmt.Errorf("create host key %s: %w", h.Path, err)
 	}
 	return secret, nil

@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -148,4 +149,28 @@ func TestParseSwtpmKey(t *testing.T) {
 		_, err := ParseSwtpmKey("--key", bad.value)
 		assert.ErrorContains(t, err, bad.want, bad.value)
 	}
+}
+
+// Many processes starting at once (vtpmd serve's workers, several daemons)
+// agree on one host key; none sees a partial one.
+func TestHostKeyConcurrentCreate(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "host.key")
+	keys := make([]*Key, 32)
+	errs := make([]error, len(keys))
+	var wg sync.WaitGroup
+	for i := range keys {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			keys[i], errs[i] = (&HostKey{Path: path}).StateKey(context.Background(), "vm1")
+		}()
+	}
+	wg.Wait()
+	for i := range keys {
+		require.NoError(t, errs[i])
+		assert.Equal(t, keys[0].secret, keys[i].secret)
+	}
+	entries, err := os.ReadDir(filepath.Dir(path))
+	require.NoError(t, err)
+	assert.Len(t, entries, 1, "no temporary files left")
 }

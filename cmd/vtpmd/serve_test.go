@@ -271,7 +271,9 @@ func (c *vmClient) run(rounds int, mayDie func() bool) error {
 	if err := c.setup(); err != nil {
 		return err
 	}
-	for i := 0; i < rounds; i++ {
+	// Until rounds writes are acknowledged: a write lost with a killed
+	// worker (never acknowledged) is written again.
+	for c.acked < uint64(rounds) {
 		err := c.round()
 		if err != nil && isLinkError(err) && mayDie() {
 			if err := c.recover(); err != nil {
@@ -280,7 +282,7 @@ func (c *vmClient) run(rounds int, mayDie func() bool) error {
 			continue
 		}
 		if err != nil {
-			return fmt.Errorf("%s: round %d: %w", c.name, i, err)
+			return fmt.Errorf("%s: write %d: %w", c.name, c.acked+1, err)
 		}
 	}
 	return c.conn.Close()
