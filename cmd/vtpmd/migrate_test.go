@@ -15,7 +15,6 @@ import (
 	"encoding/hex"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -136,17 +135,8 @@ var guestStateCommands = []struct {
 }
 
 func TestQEMUMigration(t *testing.T) {
-	if testing.Short() {
-		t.Skip("boots QEMU guests; skipped in -short mode")
-	}
-	qemu, err := exec.LookPath("qemu-system-x86_64")
-	if err != nil {
-		requireEnv(t, "qemu-system-x86_64 not found (package qemu-system-x86): %v", err)
-	}
 	testStart := time.Now()
-	kernel := loadGuestKernel(t)
-	initrd := filepath.Join(t.TempDir(), "initrd.gz")
-	buildInitramfs(t, kernel, initrd)
+	qemu, kernel, initrd := prepareGuest(t)
 	t.Logf("daemon %s, kernel %s", daemonPath, filepath.Base(kernel.dir))
 
 	base := t.TempDir()

@@ -83,7 +83,10 @@ func ovmfArgs(t *testing.T, dir string) []string {
 	return nil
 }
 
-func TestQEMUBoot(t *testing.T) {
+// prepareGuest skips in -short mode, finds QEMU, and makes the guest's
+// kernel and initramfs.
+func prepareGuest(t *testing.T) (qemu string, kernel guestKernel, initrd string) {
+	t.Helper()
 	if testing.Short() {
 		t.Skip("boots QEMU guests; skipped in -short mode")
 	}
@@ -91,9 +94,14 @@ func TestQEMUBoot(t *testing.T) {
 	if err != nil {
 		requireEnv(t, "qemu-system-x86_64 not found (package qemu-system-x86): %v", err)
 	}
-	kernel := loadGuestKernel(t)
-	initrd := filepath.Join(t.TempDir(), "initrd.gz")
+	kernel = loadGuestKernel(t)
+	initrd = filepath.Join(t.TempDir(), "initrd.gz")
 	buildInitramfs(t, kernel, initrd)
+	return qemu, kernel, initrd
+}
+
+func TestQEMUBoot(t *testing.T) {
+	qemu, kernel, initrd := prepareGuest(t)
 	t.Logf("daemon %s, kernel %s, %d modules", daemonPath, filepath.Base(kernel.dir), len(kernel.modules))
 
 	for _, iface := range []string{"tpm-crb", "tpm-tis"} {

@@ -594,19 +594,10 @@ func TestServeSupervisorRestart(t *testing.T) {
 // fresh worker on the same socket, and a second QEMU boots with the state
 // the first one left.
 func TestServeQEMUBoot(t *testing.T) {
-	if testing.Short() {
-		t.Skip("boots QEMU guests; skipped in -short mode")
-	}
 	if testingPeer() {
 		t.Skip("swtpm has no serve mode")
 	}
-	qemu, err := exec.LookPath("qemu-system-x86_64")
-	if err != nil {
-		requireEnv(t, "qemu-system-x86_64 not found (package qemu-system-x86): %v", err)
-	}
-	kernel := loadGuestKernel(t)
-	initrd := filepath.Join(t.TempDir(), "initrd.gz")
-	buildInitramfs(t, kernel, initrd)
+	qemu, kernel, initrd := prepareGuest(t)
 
 	s := startServe(t, "")
 	out := s.ctlOK(t, "create", "guest")
