@@ -234,18 +234,10 @@ func TestSetupEncryptedState(t *testing.T) {
 	}
 	env, _ := setupEnv(t)
 	dir := sockDir(t)
-	pipe := func(secret string) *os.File {
-		r, w, err := os.Pipe()
-		require.NoError(t, err)
-		_, err = w.WriteString(secret)
-		require.NoError(t, err)
-		require.NoError(t, w.Close())
-		return r
-	}
 	cmd := exec.Command(daemonPath, append([]string{"setup", "--pwdfile-fd", "3", "--cipher", "aes-256-cbc"},
 		libvirtSetupArgs(dir, "vm2:x", filepath.Join(t.TempDir(), "log"))...)...)
 	cmd.Env = env
-	cmd.ExtraFiles = []*os.File{pipe("libvirt secret")}
+	cmd.ExtraFiles = []*os.File{passphrasePipe(t, "libvirt secret")}
 	out, err := cmd.CombinedOutput()
 	require.NoError(t, err, "%s", out)
 
@@ -253,7 +245,7 @@ func TestSetupEncryptedState(t *testing.T) {
 		ctrl := filepath.Join(dir, "ctrl")
 		return startDaemonFiles(t, []string{"socket", "--tpm2", "--tpmstate", "dir=" + dir,
 			"--ctrl", "type=unixio,path=" + ctrl, "--key", "pwdfd=3,mode=aes-256-cbc",
-			"--flags", "not-need-init,startup-clear"}, []*os.File{pipe(secret)}, ctrl)
+			"--flags", "not-need-init,startup-clear"}, []*os.File{passphrasePipe(t, secret)}, ctrl)
 	}
 	d := serve("libvirt secret")
 	require.Equal(t, "tpmEstablished is 0\n", ioctlOK(t, filepath.Join(dir, "ctrl"), "-e"))
@@ -265,7 +257,7 @@ func TestSetupEncryptedState(t *testing.T) {
 	wrong := exec.CommandContext(ctx, daemonPath, "socket", "--tpm2", "--tpmstate", "dir="+dir,
 		"--ctrl", "type=unixio,path="+filepath.Join(dir, "ctrl"), "--key", "pwdfd=3,mode=aes-256-cbc",
 		"--flags", "not-need-init")
-	wrong.ExtraFiles = []*os.File{pipe("another secret")}
+	wrong.ExtraFiles = []*os.File{passphrasePipe(t, "another secret")}
 	out, err = wrong.CombinedOutput()
 	require.Error(t, err)
 	require.Contains(t, string(out), "does not open")
