@@ -528,8 +528,8 @@ Provisions a new TPM 2.0 in process, with swtpm_setup's options:
 --tpm2                   : set up a TPM 2.0 (required; TPM 1.2 is not emulated)
 --tpm-state|--tpmstate <dir>|dir://<dir>
                          : the TPM's state directory
---createek               : create the RSA 2048 and ECC P-256 EKs (0x81010001, 0x81010002)
---create-ek-cert         : also their certificates (NV 0x01c00002, 0x01c0000a)
+--createek               : create the RSA 2048 and ECC P-384 EKs (0x81010001, 0x81010016)
+--create-ek-cert         : also their certificates (NV 0x01c00002, 0x01c00016)
 --create-platform-cert   : also the platform certificate (NV 0x01c08000)
 --create-spk [--ecc]     : create the storage primary key (0x81000001), RSA or ECC
 --decryption             : EKs for key encipherment (the default)
@@ -544,7 +544,7 @@ Provisions a new TPM 2.0 in process, with swtpm_setup's options:
                          : the state key, as swtpm's --key pwdfile=|pwdfd=|file=|fd=,mode=
 --rsa-keysize 2048|max   : the RSA EK size (2048 only)
 --write-ek-cert-files <dir>
-                         : also write the EK certificates there (ek-rsa2048.crt, ek-secp256r1.crt)
+                         : also write the EK certificates there (ek-rsa2048.crt, ek-secp384r1.crt)
 --logfile <file>         : log there instead of to stderr
 --config <file>          : swtpm_setup.conf to read (default: $XDG_CONFIG_HOME, ~/.config, /etc)
 --ca-dir <dir>           : the local CA to use or create (default: the CA that

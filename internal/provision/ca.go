@@ -54,20 +54,39 @@ type CA struct {
 	files CAFiles
 	key   crypto.Signer
 	cert  *x509.Certificate
+	// root is the root CA's certificate beside the signing key, if any.
+	root *x509.Certificate
 	// Created reports that OpenCA made the CA.
 	Created bool
 }
 
-// caCommonName is the subject of a CA that vtpmd creates.
-const caCommonName = "vtpmd-localca"
+// A CA that vtpmd creates is laid out as swtpm_localca lays out its own: a
+// root CA whose key and certificate lie beside the signing key, and an
+// intermediate CA, the signing key and the issuer certificate, that the
+// root certifies and that signs the EK and platform certificates.
+const (
+	rootCommonName         = "swtpm-localca-rootca"
+	intermediateCommonName = "swtpm-localca"
+	rootKeyName            = "swtpm-localca-rootca-privkey.pem"
+	rootCertName           = "swtpm-localca-rootca-cert.pem"
+)
+
+// RootFiles are the root CA's key and certificate of the CA whose signing
+// key is signingKey, where swtpm_localca puts them.
+func RootFiles(signingKey string) (key, cert string) {
+	dir := filepath.Dir(signingKey)
+	return filepath.Join(dir, rootKeyName), filepath.Join(dir, rootCertName)
+}
 
 // lockName is the lock file in the CA's directory; swtpm_localca uses the
 // same, so that both serialise on one CA.
 const lockName = ".lock.swtpm-localca"
 
-// OpenCA loads the CA in files, or creates one (an ECDSA P-256 key of mode
-// 0600 and a self-signed certificate) when neither its key nor its
-// certificate exists.
+// OpenCA loads the CA in files, or creates one when neither its signing key
+// nor its issuer certificate exists: a root CA (reused if its files exist)
+// and an intermediate CA, with ECDSA P-256 keys of mode 0600. A CA without
+// a root (one self-signed issuer certificate, as vtpmd made before, or an
+// operator's own) keeps working.
 func OpenCA(files CAFiles) (*CA, error) {
 	if files.SigningKey == "" || files.IssuerCert == "" {
 		return nil, errors.New("local CA: the signing key and the issuer certificate must be named")
@@ -99,45 +118,85 @@ func OpenCA(files CAFiles) (*CA, error) {
 	return ca, nil
 }
 
-// Certificate is the CA's certificate.
+// Certificate is the CA's certificate, the issuer of the certificates it
+// signs.
 func (ca *CA) Certificate() *x509.Certificate { return ca.cert }
+
+// Root is the root CA's certificate beside the signing key, nil if there
+// is none.
+func (ca *CA) Root() *x509.Certificate { return ca.root }
 
 // Files are the CA's files.
 func (ca *CA) Files() CAFiles { return ca.files }
 
-// loadCA reads the CA's key and certificate. It fails with fs.ErrNotExist
-// only when neither exists.
+// loadCA reads the CA's key and certificate, and the root certificate
+// beside them if there is one. It fails with fs.ErrNotExist only when
+// neither the key nor the certificate exists.
 func loadCA(files CAFiles) (*CA, error) {
-	keyPEM, keyErr := os.ReadFile(files.SigningKey)
-	certPEM, certErr := os.ReadFile(files.IssuerCert)
-	switch {
-	case errors.Is(keyErr, fs.ErrNotExist) && errors.Is(certErr, fs.ErrNotExist):
-		return nil, fmt.Errorf("local CA: %w", fs.ErrNotExist)
-	case errors.Is(keyErr, fs.ErrNotExist):
-		return nil, fmt.Errorf("local CA: the issuer certificate %s exists but the signing key %s does not", files.IssuerCert, files.SigningKey)
-	case errors.Is(certErr, fs.ErrNotExist):
-		return nil, fmt.Errorf("local CA: the signing key %s exists but the issuer certificate %s does not", files.SigningKey, files.IssuerCert)
-	case keyErr != nil:
-		return nil, fmt.Errorf("local CA: %w", keyErr)
-	case certErr != nil:
-		return nil, fmt.Errorf("local CA: %w", certErr)
-	}
-	key, err := parseSigningKey(files.SigningKey, keyPEM)
+	key, cert, err := loadPair(files.SigningKey, files.IssuerCert, "signing key", "issuer certificate")
 	if err != nil {
 		return nil, err
 	}
-	block := findPEM(certPEM, "CERTIFICATE")
+	ca := &CA{files: files, key: key, cert: cert}
+	_, rootPath := RootFiles(files.SigningKey)
+	rootPEM, err := os.ReadFile(rootPath)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return ca, nil
+	case err != nil:
+		return nil, fmt.Errorf("local CA: %w", err)
+	}
+	if ca.root, err = parseCertificate(rootPath, rootPEM); err != nil {
+		return nil, err
+	}
+	if cert.CheckSignatureFrom(ca.root) != nil {
+		// An issuer of the operator's beside another root: not its root.
+		ca.root = nil
+	}
+	return ca, nil
+}
+
+// loadPair reads a private key and its certificate. It fails with
+// fs.ErrNotExist only when neither exists.
+func loadPair(keyPath, certPath, keyWhat, certWhat string) (crypto.Signer, *x509.Certificate, error) {
+	keyPEM, keyErr := os.ReadFile(keyPath)
+	certPEM, certErr := os.ReadFile(certPath)
+	switch {
+	case errors.Is(keyErr, fs.ErrNotExist) && errors.Is(certErr, fs.ErrNotExist):
+		return nil, nil, fmt.Errorf("local CA: %w", fs.ErrNotExist)
+	case errors.Is(keyErr, fs.ErrNotExist):
+		return nil, nil, fmt.Errorf("local CA: the %s %s exists but the %s %s does not", certWhat, certPath, keyWhat, keyPath)
+	case errors.Is(certErr, fs.ErrNotExist):
+		return nil, nil, fmt.Errorf("local CA: the %s %s exists but the %s %s does not", keyWhat, keyPath, certWhat, certPath)
+	case keyErr != nil:
+		return nil, nil, fmt.Errorf("local CA: %w", keyErr)
+	case certErr != nil:
+		return nil, nil, fmt.Errorf("local CA: %w", certErr)
+	}
+	key, err := parseSigningKey(keyPath, keyPEM)
+	if err != nil {
+		return nil, nil, err
+	}
+	cert, err := parseCertificate(certPath, certPEM)
+	if err != nil {
+		return nil, nil, err
+	}
+	if !publicKeysEqual(key.Public(), cert.PublicKey) {
+		return nil, nil, fmt.Errorf("local CA: the %s %s does not belong to the %s %s", keyWhat, keyPath, certWhat, certPath)
+	}
+	return key, cert, nil
+}
+
+func parseCertificate(path string, b []byte) (*x509.Certificate, error) {
+	block := findPEM(b, "CERTIFICATE")
 	if block == nil {
-		return nil, fmt.Errorf("local CA: %s holds no PEM certificate", files.IssuerCert)
+		return nil, fmt.Errorf("local CA: %s holds no PEM certificate", path)
 	}
 	cert, err := x509.ParseCertificate(block.Bytes)
 	if err != nil {
-		return nil, fmt.Errorf("local CA: %s: %w", files.IssuerCert, err)
+		return nil, fmt.Errorf("local CA: %s: %w", path, err)
 	}
-	if !publicKeysEqual(key.Public(), cert.PublicKey) {
-		return nil, fmt.Errorf("local CA: the signing key %s does not belong to the issuer certificate %s", files.SigningKey, files.IssuerCert)
-	}
-	return &CA{files: files, key: key, cert: cert}, nil
+	return cert, nil
 }
 
 // findPEM returns the first PEM block of the given type; text around the
@@ -195,51 +254,73 @@ func publicKeysEqual(a, b crypto.PublicKey) bool {
 	return ok && k.Equal(b)
 }
 
-// createCA makes a new CA: an ECDSA P-256 key (mode 0600) and a
-// self-signed certificate valid until 9999.
+// createCA makes a new CA: the root CA (unless its files exist) and the
+// intermediate CA that signs.
 func createCA(files CAFiles) (*CA, error) {
+	rootKeyPath, rootCertPath := RootFiles(files.SigningKey)
+	rootKey, root, err := loadPair(rootKeyPath, rootCertPath, "root CA key", "root CA certificate")
+	if errors.Is(err, fs.ErrNotExist) {
+		rootKey, root, err = createCAKey(rootKeyPath, rootCertPath, rootCommonName, nil, nil)
+	}
+	if err != nil {
+		return nil, err
+	}
+	key, cert, err := createCAKey(files.SigningKey, files.IssuerCert, intermediateCommonName, root, rootKey)
+	if err != nil {
+		return nil, err
+	}
+	return &CA{files: files, key: key, cert: cert, root: root}, nil
+}
+
+// createCAKey makes a CA key (ECDSA P-256, mode 0600) and its certificate,
+// valid until 9999, signed by parent (self-signed if nil), and writes them
+// to keyPath and certPath.
+func createCAKey(keyPath, certPath, cn string, parent *x509.Certificate, parentKey crypto.Signer) (crypto.Signer, *x509.Certificate, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
-		return nil, fmt.Errorf("local CA: %w", err)
+		return nil, nil, fmt.Errorf("local CA: %w", err)
 	}
 	serial, err := randomSerial()
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	template := &x509.Certificate{
 		SerialNumber:          serial,
-		Subject:               pkix.Name{CommonName: caCommonName},
+		Subject:               pkix.Name{CommonName: cn},
 		NotBefore:             time.Now().Add(-time.Minute).UTC(),
 		NotAfter:              notAfter,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+		KeyUsage:              x509.KeyUsageCertSign,
 		BasicConstraintsValid: true,
 		IsCA:                  true,
 	}
-	der, err := x509.CreateCertificate(rand.Reader, template, template, key.Public(), key)
+	if parent == nil {
+		parent, parentKey = template, key
+	}
+	der, err := x509.CreateCertificate(rand.Reader, template, parent, key.Public(), parentKey)
 	if err != nil {
-		return nil, fmt.Errorf("local CA: create certificate: %w", err)
+		return nil, nil, fmt.Errorf("local CA: create the %s certificate: %w", cn, err)
 	}
 	cert, err := x509.ParseCertificate(der)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	pkcs8, err := x509.MarshalPKCS8PrivateKey(key)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	for _, f := range []struct {
 		path string
 		pem  *pem.Block
 		mode os.FileMode
 	}{
-		{files.SigningKey, &pem.Block{Type: "PRIVATE KEY", Bytes: pkcs8}, 0o600},
-		{files.IssuerCert, &pem.Block{Type: "CERTIFICATE", Bytes: der}, 0o644},
+		{keyPath, &pem.Block{Type: "PRIVATE KEY", Bytes: pkcs8}, 0o600},
+		{certPath, &pem.Block{Type: "CERTIFICATE", Bytes: der}, 0o644},
 	} {
 		if err := writeFileAtomic(f.path, pem.EncodeToMemory(f.pem), f.mode); err != nil {
-			return nil, fmt.Errorf("local CA: %w", err)
+			return nil, nil, fmt.Errorf("local CA: %w", err)
 		}
 	}
-	return &CA{files: files, key: key, cert: cert}, nil
+	return key, cert, nil
 }
 
 // notAfter is the "no well-defined expiration" date of RFC 5280, which

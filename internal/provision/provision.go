@@ -27,12 +27,23 @@ type Device interface {
 }
 
 // Handles and NV indices (see the package comment).
+//
+// The TCG Registry of Reserved TPM 2.0 Handles and Localities (v1.1, 2.3.1)
+// reserves 0x81010000-0x8101ffff for endorsement primary keys and the TCG
+// TPM v2.0 Provisioning Guidance (1.0, table 2) puts the RSA 2048 EK at
+// 0x81010001. The TCG EK Credential Profile (2.3, 2.2.1.4-2.2.1.5) gives the
+// certificate indices: 0x01c00002 for RSA 2048 (low range) and 0x01c00016
+// for ECC NIST P-384 (high range, template H-3). swtpm_setup (0.7 and later;
+// swtpm.c TPM2_EK_ECC_SECP384R1_HANDLE) makes that P-384 EK, not the low
+// range P-256 one, and persists it at 0x81010016, the handle that mirrors
+// its index; vtpmd does the same, so that a TPM it provisions for libvirt
+// looks like one swtpm_setup provisioned.
 const (
 	RSAEKHandle       tpm2.TPMHandle = 0x81010001
-	ECCEKHandle       tpm2.TPMHandle = 0x81010002
+	ECCEKHandle       tpm2.TPMHandle = 0x81010016
 	SPKHandle         tpm2.TPMHandle = 0x81000001
 	RSAEKCertIndex    tpm2.TPMHandle = 0x01c00002
-	ECCEKCertIndex    tpm2.TPMHandle = 0x01c0000a
+	ECCEKCertIndex    tpm2.TPMHandle = 0x01c00016
 	PlatformCertIndex tpm2.TPMHandle = 0x01c08000
 )
 
@@ -45,16 +56,16 @@ const (
 
 // Options says what to provision.
 type Options struct {
-	// EK creates the RSA 2048 and ECC P-256 endorsement keys and makes them
-	// persistent.
+	// EK creates the RSA 2048 and ECC NIST P-384 endorsement keys and
+	// makes them persistent.
 	EK bool
 	// EKCerts issues their certificates and stores them in NV; implies EK.
 	EKCerts bool
 	// PlatformCert issues the platform certificate (for the RSA EK) and
 	// stores it in NV; implies EKCerts, as with swtpm_setup.
 	PlatformCert bool
-	// SPK creates the storage primary key (RSA 2048, or ECC P-256 with
-	// SPKECC) at 0x81000001.
+	// SPK creates the storage primary key (RSA 2048, or ECC NIST P-384
+	// with SPKECC, as swtpm_setup makes them) at 0x81000001.
 	SPK, SPKECC bool
 	// LockNV write-locks every NV index written, for good (the indices
 	// have TPMA_NV_WRITEDEFINE).
@@ -75,7 +86,7 @@ type Options struct {
 
 // EK is an endorsement key made by Run.
 type EK struct {
-	// Kind is "rsa2048" or "secp256r1", as in swtpm's EK file names.
+	// Kind is "rsa2048" or "secp384r1", as in swtpm's EK file names.
 	Kind      string
 	Handle    tpm2.TPMHandle
 	CertIndex tpm2.TPMHandle
@@ -133,7 +144,7 @@ func Run(ctx context.Context, dev Device, opts Options) (*Result, error) {
 			certIndex tpm2.TPMHandle
 		}{
 			{"rsa2048", tpm2.RSAEKTemplate, RSAEKHandle, RSAEKCertIndex},
-			{"secp256r1", tpm2.ECCEKTemplate, ECCEKHandle, ECCEKCertIndex},
+			{"secp384r1", ECCP384EKTemplate, ECCEKHandle, ECCEKCertIndex},
 		} {
 			pub, err := p.createPersistent(tpm2.TPMRHEndorsement, k.template, k.handle)
 			if err != nil {
@@ -146,7 +157,7 @@ func Run(ctx context.Context, dev Device, opts Options) (*Result, error) {
 	if opts.SPK {
 		template, kind := tpm2.RSASRKTemplate, "rsa2048"
 		if opts.SPKECC {
-			template, kind = tpm2.ECCSRKTemplate, "secp256r1"
+			template, kind = eccP384SPKTemplate, "secp384r1"
 		}
 		if _, err := p.createPersistent(tpm2.TPMRHOwner, template, SPKHandle); err != nil {
 			return nil, fmt.Errorf("create the storage primary key: %w", err)

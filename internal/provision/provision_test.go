@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/rsa"
 	"crypto/x509"
 	"crypto/x509/pkix"
@@ -92,15 +94,14 @@ func TestProvisionLibvirtDefaults(t *testing.T) {
 	assert.Equal(t, []string{"sha256"}, res.PCRBanks)
 	assert.Equal(t, []tpm2.TPMHandle{RSAEKCertIndex, ECCEKCertIndex, PlatformCertIndex}, res.NVIndices)
 
-	roots := x509.NewCertPool()
-	roots.AddCert(ca.Certificate())
+	roots, intermediates := chainPools(t, ca)
 	p := tpm(t, d)
 	for _, ek := range res.EKs {
 		stored := nvRead(t, p, ek.CertIndex)
 		require.Equal(t, ek.Cert, stored, ek.Kind)
 		cert, err := x509.ParseCertificate(stored)
 		require.NoError(t, err, ek.Kind)
-		verifyTCG(t, cert, roots)
+		verifyTCG(t, cert, roots, intermediates)
 		assert.True(t, publicKeysEqual(ek.Public, cert.PublicKey), ek.Kind)
 		assert.Equal(t, "vm1:0b5a2d0e-1111-2222-3333-444455556666", cert.Subject.CommonName)
 		assert.Equal(t, []asn1.ObjectIdentifier{{2, 23, 133, 8, 1}}, cert.UnknownExtKeyUsage)
@@ -114,7 +115,7 @@ func TestProvisionLibvirtDefaults(t *testing.T) {
 	}
 	plat, err := x509.ParseCertificate(nvRead(t, p, PlatformCertIndex))
 	require.NoError(t, err)
-	verifyTCG(t, plat, roots)
+	verifyTCG(t, plat, roots, intermediates)
 	checkSAN(t, plat, map[string]string{"2.23.133.5.1.1": "vtpmd", "2.23.133.5.1.4": "QEMU", "2.23.133.5.1.5": "1"})
 
 	// The EKs are persistent, and re-deriving them gives the same keys.
@@ -131,6 +132,8 @@ func TestProvisionLibvirtDefaults(t *testing.T) {
 	require.NoError(t, err)
 	assert.True(t, publicKeysEqual(res.EKs[0].Public, pub))
 	_, _ = tpm2.FlushContext{FlushHandle: created.ObjectHandle}.Execute(p)
+	require.Equal(t, "secp384r1", res.EKs[1].Kind)
+	assert.Equal(t, elliptic.P384(), res.EKs[1].Public.(*ecdsa.PublicKey).Curve)
 
 	// Locked: not even the platform can write again.
 	pubNV, err := tpm2.NVReadPublic{NVIndex: RSAEKCertIndex}.Execute(p)
@@ -176,17 +179,39 @@ func nvHeadroom(t *testing.T, p *provisioner) int {
 	return 256 * len(defined)
 }
 
+// chainPools are the CA's root, from its file, as the only trust anchor
+// and its issuer certificate as an intermediate.
+func chainPools(t *testing.T, ca *CA) (roots, intermediates *x509.CertPool) {
+	t.Helper()
+	_, rootPath := RootFiles(ca.Files().SigningKey)
+	b, err := os.ReadFile(rootPath)
+	require.NoError(t, err)
+	root, err := parseCertificate(rootPath, b)
+	require.NoError(t, err)
+	roots, intermediates = x509.NewCertPool(), x509.NewCertPool()
+	roots.AddCert(root)
+	intermediates.AddCert(ca.Certificate())
+	return roots, intermediates
+}
+
 // verifyTCG verifies the certificate against roots as a TCG-aware verifier
 // does: the critical subject alternative name with a directoryName, which
-// crypto/x509 does not handle, is the verifier's to check.
-func verifyTCG(t *testing.T, cert *x509.Certificate, roots *x509.CertPool) {
+// crypto/x509 does not handle, is the verifier's to check. The chain must
+// be root -> intermediate -> certificate.
+func verifyTCG(t *testing.T, cert *x509.Certificate, roots, intermediates *x509.CertPool) {
 	t.Helper()
 	require.Len(t, cert.UnhandledCriticalExtensions, 1)
 	require.True(t, cert.UnhandledCriticalExtensions[0].Equal(oidSubjectAltName))
 	c := *cert
 	c.UnhandledCriticalExtensions = nil
-	_, err := c.Verify(x509.VerifyOptions{Roots: roots, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
+	chains, err := c.Verify(x509.VerifyOptions{Roots: roots, Intermediates: intermediates, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
 	require.NoError(t, err)
+	require.Len(t, chains, 1)
+	var names []string
+	for _, c := range chains[0][1:] {
+		names = append(names, c.Subject.CommonName)
+	}
+	require.Equal(t, []string{"swtpm-localca", "swtpm-localca-rootca"}, names)
 }
 
 // checkSAN checks the directoryName of the certificate's subject alternative
@@ -280,9 +305,20 @@ func TestCASerialsAndReload(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "ca")
 	ca, err := OpenCA(DefaultCAFiles(dir))
 	require.NoError(t, err)
-	fi, err := os.Stat(filepath.Join(dir, "signkey.pem"))
-	require.NoError(t, err)
-	assert.Equal(t, os.FileMode(0o600), fi.Mode().Perm())
+	// swtpm_localca's layout: the root beside the intermediate that signs.
+	for name, mode := range map[string]os.FileMode{
+		"signkey.pem": 0o600, "issuercert.pem": 0o644,
+		"swtpm-localca-rootca-privkey.pem": 0o600, "swtpm-localca-rootca-cert.pem": 0o644,
+	} {
+		fi, err := os.Stat(filepath.Join(dir, name))
+		require.NoError(t, err)
+		assert.Equal(t, mode, fi.Mode().Perm(), name)
+	}
+	require.NotNil(t, ca.Root())
+	assert.Equal(t, "swtpm-localca-rootca", ca.Root().Subject.CommonName)
+	assert.Equal(t, "swtpm-localca-rootca", ca.Certificate().Issuer.CommonName)
+	assert.Equal(t, "swtpm-localca", ca.Certificate().Subject.CommonName)
+	require.NoError(t, ca.Certificate().CheckSignatureFrom(ca.Root()))
 	s1, err := ca.nextSerial()
 	require.NoError(t, err)
 	s2, err := ca.nextSerial()
@@ -295,7 +331,58 @@ func TestCASerialsAndReload(t *testing.T) {
 	assert.False(t, again.Created)
 	assert.True(t, bytes.Equal(ca.Certificate().Raw, again.Certificate().Raw))
 
+	require.True(t, bytes.Equal(ca.Root().Raw, again.Root().Raw))
+
 	require.NoError(t, os.Remove(filepath.Join(dir, "signkey.pem")))
 	_, err = OpenCA(DefaultCAFiles(dir))
 	assert.ErrorContains(t, err, "signing key")
+
+	// Without the intermediate, a new one is made under the same root.
+	require.NoError(t, os.Remove(filepath.Join(dir, "issuercert.pem")))
+	renewed, err := OpenCA(DefaultCAFiles(dir))
+	require.NoError(t, err)
+	assert.True(t, renewed.Created)
+	assert.True(t, bytes.Equal(ca.Root().Raw, renewed.Root().Raw))
+	require.NoError(t, renewed.Certificate().CheckSignatureFrom(ca.Root()))
+}
+
+// TestCAWithoutRoot keeps a CA of one self-signed certificate (as vtpmd
+// made before, or an operator's) working: it signs, and has no root.
+func TestCAWithoutRoot(t *testing.T) {
+	dir := t.TempDir()
+	files := DefaultCAFiles(dir)
+	key, cert, err := createCAKey(files.SigningKey, files.IssuerCert, "vtpmd-localca", nil, nil)
+	require.NoError(t, err)
+	ca, err := OpenCA(files)
+	require.NoError(t, err)
+	assert.False(t, ca.Created)
+	assert.Nil(t, ca.Root())
+	assert.True(t, publicKeysEqual(key.Public(), ca.Certificate().PublicKey))
+	rsaKey, err := rsa.GenerateKey(rand.Reader, 2048)
+	require.NoError(t, err)
+	der, err := ca.IssueEK(&rsaKey.PublicKey, TPMInfo{Manufacturer: "id:00000000", Model: "m", Version: "id:00000000", SpecFamily: "2.0"}, "vm")
+	require.NoError(t, err)
+	ek, err := x509.ParseCertificate(der)
+	require.NoError(t, err)
+	require.NoError(t, ek.CheckSignatureFrom(cert))
+	_, rootCert := RootFiles(files.SigningKey)
+	assert.NoFileExists(t, rootCert)
+}
+
+// TestECCEKTemplateIsSwtpmSetups compares the P-384 EK template with the
+// TPMT_PUBLIC swtpm_setup sends (swtpm.c,
+// swtpm_tpm2_createprimary_ek_ecc_nist_p384, without --allow-signing).
+func TestECCEKTemplateIsSwtpmSetups(t *testing.T) {
+	want := []byte{
+		0x00, 0x23, 0x00, 0x0c, // ECC, SHA-384
+		0x00, 0x03, 0x00, 0xf2, // fixedTPM|fixedParent|sensitiveDataOrigin|userWithAuth|adminWithPolicy|restricted|decrypt
+		0x00, 0x30, // authPolicy: PolicyB (SHA-384)
+	}
+	want = append(want, policyBSHA384...)
+	want = append(want,
+		0x00, 0x06, 0x01, 0x00, 0x00, 0x43, // AES-256-CFB
+		0x00, 0x10, 0x00, 0x04, 0x00, 0x10, // no scheme, NIST P-384, no KDF
+		0x00, 0x00, 0x00, 0x00, // empty unique
+	)
+	assert.Equal(t, want, tpm2.Marshal(ECCP384EKTemplate))
 }
