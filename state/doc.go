@@ -9,5 +9,7 @@
 // The package stores sealed bytes only; sealing them is the caller's. The
 // store of `vtpmd serve` also holds the registry of its VMs (VM entries,
 // under their own key prefix): a VM and its state record are deleted in one
-// batch.
+// batch. FileStore keeps one VM's record in a single file or block device
+// instead (swtpm's file:// backend), in two checksummed slots written in
+// turn, so that a torn write costs only the slot being written.
 package state
