@@ -386,3 +386,22 @@ func TestECCEKTemplateIsSwtpmSetups(t *testing.T) {
 	)
 	assert.Equal(t, want, tpm2.Marshal(ECCP384EKTemplate))
 }
+
+// BenchmarkRunLibvirt provisions a new TPM in process as `vtpmd setup`
+// does with libvirt's options: the part of its time that is not process
+// start, state store or sealing.
+func BenchmarkRunLibvirt(b *testing.B) {
+	ca, err := OpenCA(DefaultCAFiles(filepath.Join(b.TempDir(), "ca")))
+	require.NoError(b, err)
+	for b.Loop() {
+		d, err := vtpm.Open(vtpm.Config{Store: &vtpm.MemoryStore{}})
+		require.NoError(b, err)
+		require.NoError(b, Start(d))
+		_, err = Run(context.Background(), d, Options{
+			EK: true, EKCerts: true, PlatformCert: true, LockNV: true, PCRBanks: []string{"sha256"},
+			CA: ca, VMID: "bench", Platform: DefaultPlatform("1"),
+		})
+		require.NoError(b, err)
+		require.NoError(b, d.Close())
+	}
+}

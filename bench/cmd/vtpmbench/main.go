@@ -8,6 +8,8 @@
 // JSON, to the results directory.
 //
 // With -serve it also measures `vtpmd serve`, one supervisor for every VM.
+// It also measures the provisioning of a new VM's TPM with libvirt's
+// swtpm_setup options, `vtpmd setup` against swtpm_setup (-setup-runs).
 //
 //	vtpmbench -vtpmd bin/vtpmd [-serve] [-swtpm /usr/bin/swtpm] [-vms 1,4,16,64,256] [-ops all] [-duration 3s]
 package main
@@ -31,6 +33,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/bench/internal/driver"
 	"github.com/vtpmd/vtpmd/bench/internal/fleet"
+	"github.com/vtpmd/vtpmd/bench/internal/provisioning"
 	"github.com/vtpmd/vtpmd/bench/internal/report"
 	"github.com/vtpmd/vtpmd/bench/internal/workload"
 )
@@ -62,6 +65,8 @@ func run() error {
 		engineD  = flag.Duration("engine-duration", time.Second, "time of each engine-floor operation")
 		rounds   = flag.Int("rounds", 1, "runs of each cell, the daemons taking turns; the best is reported (for a machine with other load)")
 		starts   = flag.Int("starts", 5, "start-up samples per daemon, for a new and for an existing state")
+		setups   = flag.Int("setup-runs", 20, "provisioning runs of vtpmd setup and of swtpm_setup, with libvirt's options; 0 skips them")
+		setupBin = flag.String("swtpm-setup", "/usr/bin/swtpm_setup", "the swtpm_setup to compare vtpmd setup with (it drives -swtpm, or /usr/bin/swtpm); \"none\" to skip")
 		out      = flag.String("out", "results", "directory for results.md, results.svg and results.json")
 		stateDir = flag.String("statedir", "", "where to make the state directories (default: the system's temporary directory)")
 		keep     = flag.Bool("keep", false, "keep the state directories")
@@ -146,6 +151,9 @@ func run() error {
 		return runErr
 	}
 	rep.Machine.Tree = tree
+	if runErr == nil && *setups > 0 {
+		rep.Provisioning, runErr = measureProvisioning(ctx, path, *setupBin, *swtpm, *stateDir, *setups, prog)
+	}
 	if runErr != nil {
 		rep.Notes = append(rep.Notes, "the run did not finish: "+runErr.Error())
 	}
@@ -157,6 +165,26 @@ func run() error {
 	}
 	fmt.Fprintf(os.Stderr, "vtpmbench: wrote %s\n", filepath.Join(*out, "results.{md,svg,json}"))
 	return runErr
+}
+
+// measureProvisioning compares vtpmd setup with swtpm_setup (driving the
+// real swtpm, not a vtpmd installed as swtpm on PATH).
+func measureProvisioning(ctx context.Context, vtpmd, swtpmSetup, swtpm, dir string, runs int, prog *progress) (*report.Provisioning, error) {
+	cfg := provisioning.Config{Vtpmd: vtpmd, Swtpm: "/usr/bin/swtpm", LocalCA: "/usr/bin/swtpm_localca", Runs: runs, Dir: dir, Progress: prog.show}
+	if swtpm != "" && swtpm != "none" {
+		cfg.Swtpm = swtpm
+	}
+	if _, err := os.Stat(swtpmSetup); err == nil {
+		cfg.SwtpmSetup = swtpmSetup
+	} else if swtpmSetup != "none" {
+		fmt.Fprintf(os.Stderr, "vtpmbench: %s is not installed; measuring vtpmd setup alone\n", swtpmSetup)
+	}
+	p, err := provisioning.Run(ctx, cfg)
+	prog.done()
+	if err != nil {
+		return nil, fmt.Errorf("provisioning: %w", err)
+	}
+	return p, nil
 }
 
 // rerender writes the report of an earlier run's JSON again.

@@ -32,6 +32,8 @@ type Report struct {
 	Engine  []EngineCell
 	Memory  []Memory
 	Startup []Startup
+	// Provisioning compares the provisioning of a new TPM, if measured.
+	Provisioning *Provisioning `json:",omitempty"`
 	// Notes are remarks made during the run (skipped measurements).
 	Notes []string
 }

@@ -390,7 +390,11 @@ func (r *Report) tables() []table {
 	if r.hasEcho() {
 		ts = append(ts, r.echoTable())
 	}
-	ts = append(ts, r.memoryTable(), r.startupTable(), r.opsTable())
+	ts = append(ts, r.memoryTable(), r.startupTable())
+	if r.Provisioning != nil && len(r.Provisioning.Tools) > 0 {
+		ts = append(ts, r.provisioningTable())
+	}
+	ts = append(ts, r.opsTable())
 	return ts
 }
 
