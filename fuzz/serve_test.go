@@ -20,6 +20,7 @@ func FuzzParseVM(f *testing.F) {
 	for _, v := range []state.VM{
 		{Name: "vm1", ID: "00112233445566778899aabbccddeeff", Created: time.Unix(1700000000, 5).UTC(), Ctrl: "/run/vtpmd/vm1.ctrl", Running: true},
 		{Name: "vm2", ID: "x", Ctrl: "/c", Data: "/d", StartupClear: true},
+		{Name: "vm3", ID: "y", Ctrl: "/c", VsockCID: 3, VsockCtrl: 2321, VsockData: 2322},
 		{},
 	} {
 		b, err := v.MarshalBinary()
@@ -58,6 +59,7 @@ func FuzzWorkerMessage(f *testing.F) {
 		workerproto.Key{VMID: "0123", KeyID: "host:abcd", Secret: bytes.Repeat([]byte{7}, workerproto.KeySize)},
 		workerproto.Ready{}, workerproto.Get{VMID: "0123"}, workerproto.Record{Record: rec}, workerproto.NotFound{},
 		workerproto.Put{Record: rec}, workerproto.Ack{Generation: 7}, workerproto.Error{Message: "disk full"},
+		workerproto.StatsRequest{}, workerproto.Stats{Commands: []workerproto.CommandStats{{Code: 0x17b, Count: 2, Nanos: 7, Buckets: []uint64{1, 1}}, {}}},
 	} {
 		b, err := workerproto.Marshal(m)
 		if err != nil {

@@ -32,6 +32,9 @@ type VM struct {
 	// a worker starts, as swtpm's --flags not-need-init,startup-clear, for
 	// clients that do neither (tpm2-tools on the data socket).
 	StartupClear bool
+	// VsockCID is the guest CID the VM's vsock sockets let in; VsockCtrl
+	// and VsockData are their host ports, 0 for none.
+	VsockCID, VsockCtrl, VsockData uint32
 }
 
 const (
@@ -40,7 +43,8 @@ const (
 	vmVersion      = 1
 	vmFlagRunning  = 1
 	vmFlagStartup  = 2
-	vmFlagsKnown   = vmFlagRunning | vmFlagStartup
+	vmFlagVsock    = 4 // the CID and the two ports follow the flags
+	vmFlagsKnown   = vmFlagRunning | vmFlagStartup | vmFlagVsock
 	maxVMFieldSize = 4096
 )
 
@@ -63,6 +67,12 @@ func (v *VM) MarshalBinary() ([]byte, error) {
 	}
 	if v.StartupClear {
 		flags |= vmFlagStartup
+	}
+	if v.VsockCtrl != 0 || v.VsockData != 0 {
+		b = append(b, flags|vmFlagVsock)
+		b = binary.BigEndian.AppendUint32(b, v.VsockCID)
+		b = binary.BigEndian.AppendUint32(b, v.VsockCtrl)
+		return binary.BigEndian.AppendUint32(b, v.VsockData), nil
 	}
 	return append(b, flags), nil
 }
@@ -87,6 +97,9 @@ func ParseVM(b []byte) (*VM, error) {
 	v.Ctrl = d.str()
 	v.Data = d.str()
 	flags := d.take(1)
+	if len(flags) == 1 && flags[0]&vmFlagVsock != 0 {
+		v.VsockCID, v.VsockCtrl, v.VsockData = d.u32(), d.u32(), d.u32()
+	}
 	switch {
 	case d.short:
 		return nil, fmt.Errorf("%w: VM entry truncated at %d bytes", ErrCorrupt, len(b))
@@ -94,6 +107,8 @@ func ParseVM(b []byte) (*VM, error) {
 		return nil, fmt.Errorf("%w: %d bytes after the VM entry", ErrCorrupt, len(d.b))
 	case flags[0]&^vmFlagsKnown != 0:
 		return nil, fmt.Errorf("%w: unknown VM flags %#x", ErrCorrupt, flags[0])
+	case flags[0]&vmFlagVsock != 0 && v.VsockCtrl == 0 && v.VsockData == 0:
+		return nil, fmt.Errorf("%w: VM entry with vsock but no vsock port", ErrCorrupt)
 	}
 	for _, s := range []string{v.Name, v.ID, v.Ctrl, v.Data} {
 		if len(s) > maxVMFieldSize {

@@ -9,6 +9,7 @@ import (
 	"syscall"
 
 	"github.com/cockroachdb/pebble"
+	dto "github.com/prometheus/client_model/go"
 )
 
 // ErrNotFound means the store has no record for the VM; it wraps
@@ -112,6 +113,21 @@ func (s *Store) Put(r *Record) error {
 		return fmt.Errorf("store state of VM %q: %w", r.VMID, err)
 	}
 	return nil
+}
+
+// WALSyncs is how many times the store has synced its write-ahead log
+// since it was opened: concurrent Puts (and PutVMs) share one. It is
+// read from pebble's metrics, so not for a hot path.
+func (s *Store) WALSyncs() uint64 {
+	h := s.db.Metrics().LogWriter.FsyncLatency
+	if h == nil {
+		return 0
+	}
+	var m dto.Metric
+	if h.Write(&m) != nil {
+		return 0
+	}
+	return m.GetHistogram().GetSampleCount()
 }
 
 // Entry is a record as listed: its key's VM id and its raw size, and the

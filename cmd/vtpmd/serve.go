@@ -27,7 +27,7 @@ a unix socket; see 'vtpmd ctl'), one state store, and a worker process per
 running VM TPM. Options (each overrides the config file, which overrides
 the defaults):
 --config <file>     JSON config file: {"state_dir", "run_dir", "admin_socket",
-                    "host_key", "log_level", "worker_user"}
+                    "host_key", "log_level", "worker_user", "metrics_listen"}
 --state-dir <dir>   the state store (default /var/lib/vtpmd/serve for root,
                     $XDG_DATA_HOME/vtpmd/serve otherwise)
 --run-dir <dir>     the sockets (default /run/vtpmd, $XDG_RUNTIME_DIR/vtpmd)
@@ -36,22 +36,31 @@ the defaults):
 --log-level <level> debug, info, warn or error (default info)
 --worker-user <user> run the workers as this user (a supervisor running as
                     root should name an unprivileged one)
+--metrics-listen <host:port>
+                    serve Prometheus metrics (GET /metrics) there too; the
+                    admin socket always serves them
 `
 
 const ctlUsage = `Usage: vtpmd ctl [--admin <socket>] [--json] <command> [args]
 
 Commands:
-  create [--data] [--startup-clear] <name>...
+  create [--data] [--startup-clear] [--vsock-cid <cid>
+         [--vsock-ctrl-port <port>] [--vsock-data-port <port>]] <name>...
                              register VM TPMs (stopped) and print their QEMU
                              arguments; --data adds a data socket (for the
                              swtpm TCTI: swtpm:path=<run dir>/<name>.data),
                              --startup-clear powers the TPM on and starts it
-                             (for tpm2-tools; not for QEMU)
+                             (for tpm2-tools; not for QEMU); --vsock-ctrl-port
+                             and --vsock-data-port serve the control and data
+                             channels on these host vsock ports too, to the
+                             guest of CID --vsock-cid only (QEMU's vhost-vsock
+                             guest-cid); one port serves one VM
   start <name>...            start their workers
   stop <name>...             stop their workers (the state is kept)
   delete <name>...           delete stopped VM TPMs and their state
   list                       list every VM TPM
   status <name>              show one VM TPM
+  metrics                    print the Prometheus metrics
 --admin is the admin socket (default <run dir>/admin.sock); --json prints
 the admin API's JSON.
 `
@@ -80,7 +89,7 @@ func runServe(args []string, stdout io.Writer) error {
 		{long: "log-file", takesValue: true, set: setString(&logFile)},
 		{long: "help", short: "h", set: setBool(&help)},
 	}
-	for _, name := range []string{"state-dir", "run-dir", "admin", "log-level", "worker-user"} {
+	for _, name := range []string{"state-dir", "run-dir", "admin", "log-level", "worker-user", "metrics-listen"} {
 		v := new(string)
 		flags[name] = v
 		specs = append(specs, flagSpec{long: name, takesValue: true, set: func(s string) error {
@@ -103,7 +112,8 @@ func runServe(args []string, stdout io.Writer) error {
 			return err
 		}
 	}
-	for name, field := range map[string]*string{"state-dir": &cfg.StateDir, "run-dir": &cfg.RunDir, "admin": &cfg.Admin, "log-level": &cfg.LogLevel, "worker-user": &cfg.WorkerUser} {
+	for name, field := range map[string]*string{"state-dir": &cfg.StateDir, "run-dir": &cfg.RunDir, "admin": &cfg.Admin, "log-level": &cfg.LogLevel,
+		"worker-user": &cfg.WorkerUser, "metrics-listen": &cfg.MetricsListen} {
 		if v := *flags[name]; v != "" {
 			*field = v
 		}
@@ -141,7 +151,8 @@ func runServe(args []string, stdout io.Writer) error {
 func runWorker(args []string) error {
 	var name, level string
 	var startupClear bool
-	fds := map[string]*int{"supervisor": new(int), "channel-fd": new(int), "ctrl-fd": new(int), "data-fd": new(int)}
+	fds := map[string]*int{"supervisor": new(int), "channel-fd": new(int), "ctrl-fd": new(int), "data-fd": new(int),
+		"vsock-ctrl-fd": new(int), "vsock-data-fd": new(int), "vsock-cid": new(int)}
 	specs := []flagSpec{
 		{long: "vm", takesValue: true, set: setString(&name)},
 		{long: "log-level", takesValue: true, set: setString(&level)},
@@ -186,6 +197,15 @@ func runWorker(args []string) error {
 	if fd := *fds["data-fd"]; fd >= 0 {
 		c.Data = os.NewFile(uintptr(fd), "data")
 	}
+	if fd := *fds["vsock-ctrl-fd"]; fd >= 0 {
+		c.VsockCtrl = os.NewFile(uintptr(fd), "vsock ctrl")
+	}
+	if fd := *fds["vsock-data-fd"]; fd >= 0 {
+		c.VsockData = os.NewFile(uintptr(fd), "vsock data")
+	}
+	if cid := *fds["vsock-cid"]; cid > 0 {
+		c.VsockCID = uint32(cid)
+	}
 	if err := worker.Run(ctx, c); err != nil {
 		log.Error("worker failed", "err", err)
 		return err
@@ -202,8 +222,26 @@ func runCtl(args []string, stdout io.Writer) error {
 	_, runDir := defaultDirs()
 	admin := filepath.Join(runDir, "admin.sock")
 	var asJSON, data, startupClear bool
+	var vsock [3]uint32 // CID, control port, data port
+	vsockFlags := map[string]*uint32{"--vsock-cid": &vsock[0], "--vsock-ctrl-port": &vsock[1], "--vsock-data-port": &vsock[2]}
 	var words []string
 	for i := 0; i < len(args); i++ {
+		flag, value, hasValue := strings.Cut(args[i], "=")
+		if v := vsockFlags[flag]; v != nil {
+			if !hasValue {
+				if i+1 == len(args) {
+					return fmt.Errorf("ctl: %s needs a value", flag)
+				}
+				i++
+				value = args[i]
+			}
+			n, err := strconv.ParseUint(value, 10, 32)
+			if err != nil {
+				return fmt.Errorf("ctl: %s %q: not a number from 0 to 4294967295", flag, value)
+			}
+			*v = uint32(n)
+			continue
+		}
 		switch a := args[i]; {
 		case a == "--json":
 			asJSON = true
@@ -230,11 +268,21 @@ func runCtl(args []string, stdout io.Writer) error {
 		return errors.New("ctl: missing command")
 	}
 	cmd, names := words[0], words[1:]
-	if (data || startupClear) && cmd != "create" {
-		return errors.New("ctl: --data and --startup-clear are options of create")
+	if (data || startupClear || vsock != [3]uint32{}) && cmd != "create" {
+		return errors.New("ctl: --data, --startup-clear and the --vsock options are options of create")
 	}
 	c := serve.NewClient(admin)
 	switch cmd {
+	case "metrics":
+		if len(names) != 0 {
+			return errors.New("ctl: metrics takes no names")
+		}
+		text, err := c.Metrics()
+		if err != nil {
+			return fmt.Errorf("ctl: %w", err)
+		}
+		_, err = io.WriteString(stdout, text)
+		return err
 	case "list":
 		if len(names) != 0 {
 			return errors.New("ctl: list takes no names")
@@ -286,7 +334,8 @@ func runCtl(args []string, stdout io.Writer) error {
 			var err error
 			switch cmd {
 			case "create":
-				sts[i], err = c.Create(serve.CreateRequest{Name: name, Data: data, StartupClear: startupClear})
+				sts[i], err = c.Create(serve.CreateRequest{Name: name, Data: data, StartupClear: startupClear,
+					VsockCID: vsock[0], VsockCtrlPort: vsock[1], VsockDataPort: vsock[2]})
 			case "start":
 				sts[i], err = c.Start(name)
 			case "stop":
@@ -315,6 +364,9 @@ func runCtl(args []string, stdout io.Writer) error {
 			fmt.Fprintf(stdout, "created %s: control socket %s", st.Name, st.Ctrl)
 			if st.Data != "" {
 				fmt.Fprintf(stdout, ", data socket %s", st.Data)
+			}
+			if st.VsockCID != 0 {
+				fmt.Fprintf(stdout, ", %s", vsockString(st))
 			}
 			fmt.Fprintf(stdout, "\nstart it with 'vtpmd ctl start %s', then give QEMU:\n  %s\n", st.Name, strings.Join(st.QEMUArgs, " "))
 		case "start":
@@ -349,6 +401,9 @@ func printStatus(w io.Writer, st serve.Status) {
 	if st.Data != "" {
 		fmt.Fprintf(tw, "data socket:\t%s\n", st.Data)
 	}
+	if st.VsockCID != 0 {
+		fmt.Fprintf(tw, "vsock:\t%s\n", vsockString(st))
+	}
 	if st.StartupClear {
 		fmt.Fprintf(tw, "startup:\tpowered on and started (TPM2_Startup(CLEAR)) by every worker\n")
 	}
@@ -357,6 +412,18 @@ func printStatus(w io.Writer, st serve.Status) {
 	}
 	fmt.Fprintf(tw, "QEMU arguments:\t%s\n", strings.Join(st.QEMUArgs, " "))
 	tw.Flush()
+}
+
+// vsockString describes the VM's vsock ports.
+func vsockString(st serve.Status) string {
+	var ports []string
+	if st.VsockCtrl != 0 {
+		ports = append(ports, fmt.Sprintf("control on vsock port %d", st.VsockCtrl))
+	}
+	if st.VsockData != 0 {
+		ports = append(ports, fmt.Sprintf("data on vsock port %d", st.VsockData))
+	}
+	return fmt.Sprintf("%s, for CID %d only", strings.Join(ports, ", "), st.VsockCID)
 }
 
 func printJSON(w io.Writer, v any) error {

@@ -133,8 +133,10 @@ func (s *serveTPM) api(t *testing.T, method, path, body string) (int, string) {
 // instead of failing the test, so that it can run in a goroutine.
 type vmClient struct {
 	name, ctrl, data string
-	conn             net.Conn
-	tpm              connTPM
+	// dial connects to ctrl or data; nil is a unix socket dial.
+	dial func(addr string) (net.Conn, error)
+	conn net.Conn
+	tpm  connTPM
 	// acked is the value of the last acknowledged NV_Write; inFlight the
 	// value of a write whose response never came (0 for none).
 	acked, inFlight uint64
@@ -146,9 +148,11 @@ type vmClient struct {
 
 const serveNVIndex tpm2.TPMHandle = 0x01500200
 
+func dialUnix(path string) (net.Conn, error) { return net.DialTimeout("unix", path, 5*time.Second) }
+
 // ctrlInit sends CMD_INIT on a new control connection.
-func ctrlInit(path string) error {
-	c, err := net.DialTimeout("unix", path, 5*time.Second)
+func ctrlInit(dial func(string) (net.Conn, error), addr string) error {
+	c, err := dial(addr)
 	if err != nil {
 		return err
 	}
@@ -173,9 +177,12 @@ func ctrlInit(path string) error {
 // sends TPM2_Startup(CLEAR). It retries while the sockets refuse, for a
 // worker that is being restarted.
 func (c *vmClient) connect() error {
+	if c.dial == nil {
+		c.dial = dialUnix
+	}
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		err := ctrlInit(c.ctrl)
+		err := ctrlInit(c.dial, c.ctrl)
 		if err == nil {
 			break
 		}
@@ -184,7 +191,7 @@ func (c *vmClient) connect() error {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	conn, err := net.DialTimeout("unix", c.data, 5*time.Second)
+	conn, err := c.dial(c.data)
 	if err != nil {
 		return fmt.Errorf("%s: %w", c.name, err)
 	}

@@ -28,6 +28,7 @@ const maxBody = 64 << 10
 // Handler serves the admin API.
 func (s *Supervisor) Handler() http.Handler {
 	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", s.MetricsHandler())
 	mux.HandleFunc("GET /v1/vms", func(w http.ResponseWriter, r *http.Request) {
 		list, err := s.List()
 		reply(w, http.StatusOK, list, err)

@@ -40,6 +40,13 @@ type APIError struct {
 
 func (e *APIError) Error() string { return fmt.Sprintf("%s (HTTP %d)", e.Message, e.Code) }
 
+// Metrics returns the Prometheus metrics, in the text format.
+func (c *Client) Metrics() (string, error) {
+	var text string
+	err := c.do(http.MethodGet, "/metrics", nil, &text)
+	return text, err
+}
+
 func (c *Client) do(method, path string, body, out any) error {
 	var r io.Reader
 	if body != nil {
@@ -71,6 +78,10 @@ func (c *Client) do(method, path string, body, out any) error {
 			e.Error = string(bytes.TrimSpace(b))
 		}
 		return &APIError{Code: resp.StatusCode, Message: e.Error}
+	}
+	if text, ok := out.(*string); ok {
+		*text = string(b)
+		return nil
 	}
 	if out != nil {
 		if err := json.Unmarshal(b, out); err != nil {

@@ -33,6 +33,10 @@ type Config struct {
 	// supervisor running as root should name an unprivileged user that
 	// owns nothing of vtpmd's. The vtpmd binary must be executable by it.
 	WorkerUser string `json:"worker_user"`
+	// MetricsListen, if set, is a TCP address (host:port) that serves
+	// GET /metrics, and nothing else, for a Prometheus scraper; the admin
+	// socket serves /metrics too.
+	MetricsListen string `json:"metrics_listen"`
 
 	// Executable is the vtpmd binary the workers run ("" is this one).
 	Executable string `json:"-"`

@@ -16,8 +16,11 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/vtpmd/vtpmd/internal/unixsock"
 	"github.com/vtpmd/vtpmd/internal/vmstate"
+	"github.com/vtpmd/vtpmd/internal/workerproto"
 	"github.com/vtpmd/vtpmd/sealing"
 	"github.com/vtpmd/vtpmd/state"
 )
@@ -47,9 +50,15 @@ type Supervisor struct {
 	closeOnce sync.Once
 	closeErr  error
 
-	mu    sync.Mutex // runs and names
-	runs  map[string]*vmRun
-	names map[string]*nameLock
+	mu       sync.Mutex // runs and names
+	runs     map[string]*vmRun
+	names    map[string]*nameLock
+	registry *prometheus.Registry
+	commits  prometheus.Histogram // state commit latency
+
+	// vsockMu makes the check that a created VM's vsock ports are free
+	// and its registration one step.
+	vsockMu sync.Mutex
 }
 
 // nameLock serialises the operations on one VM; operations on different
@@ -119,7 +128,7 @@ func Open(cfg Config) (*Supervisor, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Supervisor{
+	s := &Supervisor{
 		cfg:     cfg,
 		log:     cfg.Log,
 		store:   store,
@@ -130,7 +139,9 @@ func Open(cfg Config) (*Supervisor, error) {
 		cred:    cred,
 		runs:    map[string]*vmRun{},
 		names:   map[string]*nameLock{},
-	}, nil
+	}
+	s.registry = s.newRegistry()
+	return s, nil
 }
 
 func startsWithDotDot(rel string) bool {
@@ -176,20 +187,37 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		s.Close()
 		return err
 	}
+	servers := []*http.Server{{Handler: s.Handler(), ReadHeaderTimeout: 5 * time.Second}}
+	listeners := []net.Listener{l}
+	if s.cfg.MetricsListen != "" {
+		ml, err := net.Listen("tcp", s.cfg.MetricsListen)
+		if err != nil {
+			l.Close()
+			s.Close()
+			return fmt.Errorf("serve: metrics: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", s.MetricsHandler())
+		servers = append(servers, &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second})
+		listeners = append(listeners, ml)
+	}
 	s.startWanted()
-	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 5 * time.Second, ErrorLog: nil}
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(l) }()
-	s.log.Info("serving", "admin", admin, "state", s.cfg.StateDir, "run", s.cfg.RunDir)
+	served := make(chan error, len(servers))
+	for i, srv := range servers {
+		go func() { served <- srv.Serve(listeners[i]) }()
+	}
+	s.log.Info("serving", "admin", admin, "metrics", s.cfg.MetricsListen, "state", s.cfg.StateDir, "run", s.cfg.RunDir)
 	select {
 	case <-ctx.Done():
 		s.log.Info("ending on signal")
 	case err = <-served:
-		s.log.Error("admin API failed", "err", err)
+		s.log.Error("admin API or metrics failed", "err", err)
 	}
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	_ = srv.Shutdown(shutdownCtx)
+	for _, srv := range servers {
+		_ = srv.Shutdown(shutdownCtx)
+	}
 	return errors.Join(err, s.Close())
 }
 
@@ -218,6 +246,12 @@ type Status struct {
 	Created time.Time `json:"created"`
 	Ctrl    string    `json:"ctrl"`
 	Data    string    `json:"data,omitempty"`
+	// VsockCID is the guest CID let in on the vsock ports; VsockCtrl and
+	// VsockData are the host's vsock ports of the control and data
+	// channels (0: none).
+	VsockCID  uint32 `json:"vsock_cid,omitempty"`
+	VsockCtrl uint32 `json:"vsock_ctrl_port,omitempty"`
+	VsockData uint32 `json:"vsock_data_port,omitempty"`
 	// StartupClear: every worker powers the TPM on and starts it.
 	StartupClear bool `json:"startup_clear,omitempty"`
 	// Desired is "running" or "stopped": what the supervisor keeps the VM
@@ -247,6 +281,7 @@ func QEMUArgs(ctrl string) []string {
 
 func (s *Supervisor) statusLocked(vm *state.VM) Status {
 	st := Status{Name: vm.Name, ID: vm.ID, Created: vm.Created, Ctrl: vm.Ctrl, Data: vm.Data, StartupClear: vm.StartupClear,
+		VsockCID: vm.VsockCID, VsockCtrl: vm.VsockCtrl, VsockData: vm.VsockData,
 		Desired: "stopped", State: "stopped", QEMUArgs: QEMUArgs(vm.Ctrl)}
 	if vm.Running {
 		st.Desired = "running"
@@ -270,6 +305,14 @@ type CreateRequest struct {
 	// TPM2_Startup(CLEAR), as swtpm's --flags not-need-init,startup-clear:
 	// for clients that do neither, like tpm2-tools on the data socket.
 	StartupClear bool `json:"startup_clear,omitempty"`
+	// VsockCID is the guest's CID (as QEMU's vhost-vsock guest-cid): the
+	// only peer let in on the VM's vsock ports. Needed with a port.
+	VsockCID uint32 `json:"vsock_cid,omitempty"`
+	// VsockCtrlPort and VsockDataPort serve the control and data channels
+	// on these vsock ports of the host too (beside the unix sockets);
+	// 0 is none. No two VMs share a port.
+	VsockCtrlPort uint32 `json:"vsock_ctrl_port,omitempty"`
+	VsockDataPort uint32 `json:"vsock_data_port,omitempty"`
 }
 
 // maxSocketPath is the longest unix socket path.
@@ -280,12 +323,16 @@ func (s *Supervisor) Create(req CreateRequest) (Status, error) {
 	if err := ValidName(req.Name); err != nil {
 		return Status{}, err
 	}
+	if err := validateVsock(req); err != nil {
+		return Status{}, err
+	}
 	id := make([]byte, 16)
 	if _, err := rand.Read(id); err != nil {
 		return Status{}, err
 	}
 	vm := &state.VM{Name: req.Name, ID: hex.EncodeToString(id), Created: time.Now().UTC(),
-		Ctrl: filepath.Join(s.cfg.RunDir, req.Name+".ctrl"), StartupClear: req.StartupClear}
+		Ctrl: filepath.Join(s.cfg.RunDir, req.Name+".ctrl"), StartupClear: req.StartupClear,
+		VsockCID: req.VsockCID, VsockCtrl: req.VsockCtrlPort, VsockData: req.VsockDataPort}
 	if req.Data {
 		vm.Data = filepath.Join(s.cfg.RunDir, req.Name+".data")
 	}
@@ -293,6 +340,17 @@ func (s *Supervisor) Create(req CreateRequest) (Status, error) {
 		return Status{}, fmt.Errorf("%w: the socket path %s is longer than %d bytes: use a shorter name or run dir", ErrBadRequest, vm.Ctrl, maxSocketPath)
 	}
 	defer s.lockName(req.Name)()
+	if ports := vsockPorts(vm); len(ports) > 0 {
+		s.vsockMu.Lock()
+		defer s.vsockMu.Unlock()
+		entries, err := s.store.ListVMs()
+		if err != nil {
+			return Status{}, err
+		}
+		if err := vsockClash(entries, vm.Name, ports); err != nil {
+			return Status{}, fmt.Errorf("create VM %q: %w", vm.Name, err)
+		}
+	}
 	_, err := s.store.GetVM(req.Name)
 	switch {
 	case err == nil:
@@ -305,7 +363,11 @@ func (s *Supervisor) Create(req CreateRequest) (Status, error) {
 	if err := s.store.PutVM(vm); err != nil {
 		return Status{}, err
 	}
-	s.log.Info("created", "vm", vm.Name, "id", vm.ID, "ctrl", vm.Ctrl)
+	attrs := []any{"vm", vm.Name, "id", vm.ID, "ctrl", vm.Ctrl}
+	if vm.VsockCID != 0 {
+		attrs = append(attrs, "vsock_cid", vm.VsockCID, "vsock_ctrl_port", vm.VsockCtrl, "vsock_data_port", vm.VsockData)
+	}
+	s.log.Info("created", attrs...)
 	return s.status(vm), nil
 }
 
@@ -468,13 +530,31 @@ func (s *Supervisor) startRun(vm *state.VM) error {
 		return err
 	}
 	r := &vmRun{s: s, vm: *vm, log: log, key: key, lastGen: lastGen, phase: "starting",
-		stop: make(chan struct{}), done: make(chan struct{}), ready: make(chan struct{}), firstEnd: make(chan struct{})}
+		stop: make(chan struct{}), done: make(chan struct{}), ready: make(chan struct{}), firstEnd: make(chan struct{}),
+		statsCh: make(chan workerproto.Stats, 1)}
+	for _, v := range []struct {
+		port uint32
+		f    **os.File
+	}{{vm.VsockCtrl, &r.vsockCtrl}, {vm.VsockData, &r.vsockData}} {
+		if v.port == 0 {
+			continue
+		}
+		if *v.f, err = listenVsock(v.port); err != nil {
+			r.closeVsock()
+			if errors.Is(err, syscall.EADDRINUSE) {
+				err = fmt.Errorf("%w: %w (by another process)", ErrConflict, err)
+			}
+			return fmt.Errorf("VM %q: %w", vm.Name, err)
+		}
+	}
 	if r.ctrl, err = unixsock.Listen(vm.Ctrl, 0o600, -1, -1); err != nil {
+		r.closeVsock()
 		return err
 	}
 	if vm.Data != "" {
 		if r.data, err = unixsock.Listen(vm.Data, 0o600, -1, -1); err != nil {
 			r.ctrl.Close()
+			r.closeVsock()
 			return err
 		}
 		// The swtpm TCTI (swtpm:path=<data socket>) looks for the control

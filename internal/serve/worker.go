@@ -41,6 +41,8 @@ type vmRun struct {
 	log        *slog.Logger
 	key        *sealing.Key
 	ctrl, data *net.UnixListener
+	// vsockCtrl and vsockData are the listening vsock sockets, or nil.
+	vsockCtrl, vsockData *os.File
 
 	stop      chan struct{} // closed by shutdown
 	stopOnce  sync.Once
@@ -58,6 +60,18 @@ type vmRun struct {
 	pid      int
 	restarts int
 	lastExit string
+	conn     net.Conn // the channel to the serving worker, nil if none
+
+	wmu     sync.Mutex // one frame at a time to the worker
+	statsMu sync.Mutex // one scrape at a time
+	statsCh chan workerproto.Stats
+}
+
+// write sends m to the worker.
+func (r *vmRun) write(conn net.Conn, m workerproto.Message) error {
+	r.wmu.Lock()
+	defer r.wmu.Unlock()
+	return workerproto.WriteMessage(conn, m)
 }
 
 func (r *vmRun) setPhase(phase string, pid int) {
@@ -85,6 +99,7 @@ func (r *vmRun) shutdown() {
 	})
 	<-r.done
 	closeListeners(r.ctrl, r.data)
+	r.closeVsock()
 	if r.vm.Data != "" {
 		os.Remove(tctiCtrlLink(&r.vm))
 	}
@@ -94,6 +109,14 @@ func (r *vmRun) shutdown() {
 		}
 	}
 	r.setPhase("stopped", 0)
+}
+
+func (r *vmRun) closeVsock() {
+	for _, f := range []*os.File{r.vsockCtrl, r.vsockData} {
+		if f != nil {
+			f.Close()
+		}
+	}
 }
 
 func (r *vmRun) currentPID() int {
@@ -174,22 +197,38 @@ func (r *vmRun) runWorker() (int, error) {
 		return 0, err
 	}
 	defer conn.Close()
+	// The worker's descriptor n is ExtraFiles[n-3]. files are this
+	// start's copies, closed once the worker has them.
 	files := []*os.File{theirs}
 	args := []string{"worker", "--vm", r.vm.Name, "--supervisor", strconv.Itoa(os.Getpid()),
-		"--channel-fd", "3", "--ctrl-fd", "4", "--log-level", r.s.cfg.LogLevel}
-	for i, l := range []*net.UnixListener{r.ctrl, r.data} {
-		if l == nil {
+		"--channel-fd", "3", "--log-level", r.s.cfg.LogLevel}
+	for _, l := range []struct {
+		flag string
+		l    *net.UnixListener
+	}{{"--ctrl-fd", r.ctrl}, {"--data-fd", r.data}} {
+		if l.l == nil {
 			continue
 		}
-		f, err := l.File()
+		f, err := l.l.File()
 		if err != nil {
 			closeFiles(files)
 			return 0, fmt.Errorf("pass the socket on: %w", err)
 		}
 		files = append(files, f)
-		if i == 1 {
-			args = append(args, "--data-fd", "5")
+		args = append(args, l.flag, strconv.Itoa(2+len(files)))
+	}
+	extra := files
+	for _, v := range []struct {
+		flag string
+		f    *os.File
+	}{{"--vsock-ctrl-fd", r.vsockCtrl}, {"--vsock-data-fd", r.vsockData}} {
+		if v.f != nil {
+			extra = append(extra[:len(extra):len(extra)], v.f)
+			args = append(args, v.flag, strconv.Itoa(2+len(extra)))
 		}
+	}
+	if len(extra) > len(files) {
+		args = append(args, "--vsock-cid", strconv.FormatUint(uint64(r.vm.VsockCID), 10))
 	}
 	if r.vm.StartupClear {
 		args = append(args, "--startup-clear")
@@ -197,7 +236,7 @@ func (r *vmRun) runWorker() (int, error) {
 	cmd := exec.Command(r.s.exe, args...)
 	cmd.Env = []string{"GOMAXPROCS=1"}
 	cmd.Stderr = r.s.cfg.WorkerLog
-	cmd.ExtraFiles = files
+	cmd.ExtraFiles = extra
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true, Credential: r.s.cred}
 	err = r.s.spawn.start(cmd)
 	closeFiles(files)
@@ -250,11 +289,16 @@ func closeFiles(files []*os.File) {
 // the worker goes. An error is a protocol violation.
 func (r *vmRun) converse(conn net.Conn, pid int) error {
 	secret := r.key.Secret()
-	err := workerproto.WriteMessage(conn, workerproto.Key{VMID: r.vm.ID, KeyID: r.key.ID, Secret: secret})
+	err := r.write(conn, workerproto.Key{VMID: r.vm.ID, KeyID: r.key.ID, Secret: secret})
 	clear(secret)
 	if err != nil {
 		return nil // the worker is already gone; Wait says why
 	}
+	defer func() {
+		r.mu.Lock()
+		r.conn = nil
+		r.mu.Unlock()
+	}()
 	for {
 		m, err := workerproto.ReadMessage(conn)
 		switch {
@@ -266,8 +310,16 @@ func (r *vmRun) converse(conn net.Conn, pid int) error {
 		var reply workerproto.Message
 		switch m := m.(type) {
 		case workerproto.Ready:
-			r.setPhase("running", pid)
+			r.mu.Lock()
+			r.phase, r.pid, r.conn = "running", pid, conn
+			r.mu.Unlock()
 			r.readyOnce.Do(func() { close(r.ready) })
+			continue
+		case workerproto.Stats:
+			select {
+			case r.statsCh <- m:
+			default: // nobody asked: drop it
+			}
 			continue
 		case workerproto.Get:
 			reply = r.get(m)
@@ -276,7 +328,7 @@ func (r *vmRun) converse(conn net.Conn, pid int) error {
 		default:
 			return fmt.Errorf("unexpected message of type %d", m.Type())
 		}
-		if err := workerproto.WriteMessage(conn, reply); err != nil {
+		if err := r.write(conn, reply); err != nil {
 			return nil
 		}
 	}
@@ -316,6 +368,7 @@ func (r *vmRun) put(m workerproto.Put) workerproto.Message {
 		r.log.Error("worker tried to store an old generation; refused", "generation", rec.Generation, "stored", r.lastGen)
 		return workerproto.Error{Message: fmt.Sprintf("generation %d is not newer than the stored %d", rec.Generation, r.lastGen)}
 	}
+	start := time.Now()
 	if err := r.s.store.Put(rec); err != nil {
 		r.log.Error("state not stored", "generation", rec.Generation, "err", err)
 		return workerproto.Error{Message: err.Error()}
@@ -325,6 +378,7 @@ func (r *vmRun) put(m workerproto.Put) workerproto.Message {
 		r.log.Error("generation witness not recorded", "err", err)
 		return workerproto.Error{Message: err.Error()}
 	}
+	r.s.commits.Observe(time.Since(start).Seconds())
 	return workerproto.Ack{Generation: rec.Generation}
 }
 

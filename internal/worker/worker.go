@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vtpmd/vtpmd/internal/metrics"
 	"github.com/vtpmd/vtpmd/internal/vmstate"
 	"github.com/vtpmd/vtpmd/internal/workerproto"
 	"github.com/vtpmd/vtpmd/sealing"
@@ -28,6 +29,10 @@ type Config struct {
 	Ctrl *os.File
 	// Data is the VM's listening data socket, or nil.
 	Data *os.File
+	// VsockCtrl and VsockData are the VM's listening vsock sockets of the
+	// control and data channels, or nil; only VsockCID is let in on them.
+	VsockCtrl, VsockData *os.File
+	VsockCID             uint32
 	// Log receives the worker's logs; it carries the VM's name.
 	Log *slog.Logger
 	// StartupClear powers the TPM on and sends TPM2_Startup(CLEAR) before
@@ -60,7 +65,8 @@ func Run(ctx context.Context, c Config) error {
 	if err != nil {
 		return err
 	}
-	records := newRemote(ch)
+	var cmds metrics.Commands
+	records := newRemote(ch, &cmds)
 	go records.read()
 	dev, err := vtpm.Open(vtpm.Config{
 		Store:  &vmstate.Sealed{Store: records, Key: key, VMID: keyMsg.VMID},
@@ -79,19 +85,11 @@ func Run(ctx context.Context, c Config) error {
 			return fmt.Errorf("power on and start the TPM: %w", err)
 		}
 	}
-	srv := &transport.Server{TPM: dev, Log: log, DataChannel: c.Data != nil}
-	var listeners []net.Listener
-	for _, f := range []*os.File{c.Ctrl, c.Data} {
-		if f == nil {
-			continue
-		}
-		l, err := net.FileListener(f)
-		f.Close()
-		if err != nil {
-			dev.Close()
-			return fmt.Errorf("listen on inherited socket: %w", err)
-		}
-		listeners = append(listeners, l)
+	srv := &transport.Server{TPM: metered{TPM: dev, cmds: &cmds}, Log: log, DataChannel: c.Data != nil || c.VsockData != nil}
+	listeners, err := c.listeners()
+	if err != nil {
+		dev.Close()
+		return err
 	}
 	// Ready goes out before any client is served: afterwards only the
 	// TPM's Store writes to the channel.
@@ -103,9 +101,10 @@ func Run(ctx context.Context, c Config) error {
 	defer cancel()
 	errs := make(chan error, len(listeners))
 	var wg sync.WaitGroup
-	for i, l := range listeners {
+	addrs := []any{"engine", vtpm.EngineVersion}
+	for _, l := range listeners {
 		serve := srv.ServeControl
-		if i == 1 {
+		if l.data {
 			serve = srv.ServeData
 		}
 		wg.Add(1)
@@ -113,8 +112,9 @@ func Run(ctx context.Context, c Config) error {
 			defer wg.Done()
 			errs <- serve(ctx, l)
 		}()
+		addrs = append(addrs, l.name, l.Addr().String())
 	}
-	log.Info("serving", "ctrl", listeners[0].Addr(), "engine", vtpm.EngineVersion)
+	log.Info("serving", addrs...)
 	var runErr error
 	select {
 	case <-ctx.Done():
@@ -142,19 +142,79 @@ func Run(ctx context.Context, c Config) error {
 	return runErr
 }
 
+// listener is one of the VM's inherited listening sockets.
+type listener struct {
+	net.Listener
+	name string // ctrl, data, vsock_ctrl, vsock_data: its log attribute
+	data bool   // serves the data channel
+}
+
+// listeners takes over the inherited listening sockets, closing the files.
+func (c *Config) listeners() ([]listener, error) {
+	var out []listener
+	fail := func(err error) ([]listener, error) {
+		for _, l := range out {
+			l.Close()
+		}
+		return nil, err
+	}
+	for _, f := range []struct {
+		f    *os.File
+		name string
+		data bool
+	}{{c.Ctrl, "ctrl", false}, {c.Data, "data", true}, {c.VsockCtrl, "vsock_ctrl", false}, {c.VsockData, "vsock_data", true}} {
+		if f.f == nil {
+			continue
+		}
+		var l net.Listener
+		var err error
+		if f.name == "ctrl" || f.name == "data" {
+			l, err = net.FileListener(f.f)
+		} else {
+			l, err = vsockListener(f.f, c.VsockCID, c.Log.With("listener", f.name))
+		}
+		f.f.Close()
+		if err != nil {
+			return fail(fmt.Errorf("listen on the inherited %s socket: %w", f.name, err))
+		}
+		out = append(out, listener{Listener: l, name: f.name, data: f.data})
+	}
+	if len(out) == 0 || out[0].name != "ctrl" {
+		return fail(errors.New("no control socket"))
+	}
+	return out, nil
+}
+
+// metered counts the TPM commands the device executes (no system call:
+// the clock is read through the vDSO).
+type metered struct {
+	transport.TPM
+	cmds *metrics.Commands
+}
+
+func (m metered) Execute(ctx context.Context, cmd []byte) []byte {
+	code := metrics.CommandCode(cmd)
+	start := time.Now()
+	resp := m.TPM.Execute(ctx, cmd)
+	m.cmds.Observe(code, time.Since(start))
+	return resp
+}
+
 // remote is the record store of a worker: the supervisor, asked over the
 // socketpair. It implements vmstate.Records.
 type remote struct {
 	w       io.Writer
 	r       io.Reader
 	mu      sync.Mutex // one request at a time
+	wmu     sync.Mutex // one frame at a time: requests and Stats
 	replies chan workerproto.Message
 	closed  chan struct{}
 	readErr error
+	cmds    *metrics.Commands
 }
 
-func newRemote(ch net.Conn) *remote {
-	return &remote{w: ch, r: ch, replies: make(chan workerproto.Message, 1), closed: make(chan struct{})}
+func newRemote(ch net.Conn, cmds *metrics.Commands) *remote {
+	return &remote{w: ch, r: ch, replies: make(chan workerproto.Message, 1), closed: make(chan struct{}), cmds: cmds}
 }
 
 // read passes the supervisor's replies on until the channel closes.
@@ -166,6 +226,13 @@ func (r *remote) read() {
 			r.readErr = err
 			return
 		}
+		if _, ok := m.(workerproto.StatsRequest); ok {
+			if err := r.send(r.cmds.Stats()); err != nil {
+				r.readErr = err
+				return
+			}
+			continue
+		}
 		select {
 		case r.replies <- m:
 		default:
@@ -176,7 +243,10 @@ func (r *remote) read() {
 }
 
 func (r *remote) send(m workerproto.Message) error {
-	if err := workerproto.WriteMessage(r.w, m); err != nil {
+	r.wmu.Lock()
+	err := workerproto.WriteMessage(r.w, m)
+	r.wmu.Unlock()
+	if err != nil {
 		return fmt.Errorf("%w: %v", ErrSupervisorGone, err)
 	}
 	return nil

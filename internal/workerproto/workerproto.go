@@ -9,7 +9,10 @@
 // asks and the supervisor answers, one request at a time: Get is answered by
 // Record, NotFound or Error; Put by Ack or Error. Ack means the record is
 // durably stored: only then may the worker release the TPM response whose
-// state it holds.
+// state it holds. Independently of that, the supervisor may send
+// StatsRequest at any time (a metrics scrape); the worker answers with
+// Stats, its TPM command counts, so that the per-command path costs no
+// message.
 package workerproto
 
 import (
@@ -26,14 +29,16 @@ type Type uint8
 
 // Message types.
 const (
-	TypeKey      Type = 1 // supervisor → worker: the VM's state key
-	TypeReady    Type = 2 // worker → supervisor: serving
-	TypeGet      Type = 3 // worker → supervisor: the VM's state record, please
-	TypeRecord   Type = 4 // supervisor → worker: the record
-	TypeNotFound Type = 5 // supervisor → worker: the VM has no record yet
-	TypePut      Type = 6 // worker → supervisor: store this record durably
-	TypeAck      Type = 7 // supervisor → worker: stored
-	TypeError    Type = 8 // supervisor → worker: the request failed
+	TypeKey      Type = 1  // supervisor → worker: the VM's state key
+	TypeReady    Type = 2  // worker → supervisor: serving
+	TypeGet      Type = 3  // worker → supervisor: the VM's state record, please
+	TypeRecord   Type = 4  // supervisor → worker: the record
+	TypeNotFound Type = 5  // supervisor → worker: the VM has no record yet
+	TypePut      Type = 6  // worker → supervisor: store this record durably
+	TypeAck      Type = 7  // supervisor → worker: stored
+	TypeError    Type = 8  // supervisor → worker: the request failed
+	TypeStatsReq Type = 9  // supervisor → worker: your command counts, please
+	TypeStats    Type = 10 // worker → supervisor: the command counts
 )
 
 // MaxFrame bounds a frame: a sealed 16 KiB NV image and its record fit
@@ -85,15 +90,37 @@ type Ack struct{ Generation uint64 }
 // Error answers a request that failed.
 type Error struct{ Message string }
 
+// StatsRequest asks the worker for its Stats.
+type StatsRequest struct{}
+
+// Stats are a worker's TPM command counts since it started, by command
+// code.
+type Stats struct{ Commands []CommandStats }
+
+// CommandStats are the counts of one TPM command code: how many, their
+// total latency, and how many fell in each latency bucket (not cumulative;
+// the commands beyond the last bucket are Count minus their sum).
+type CommandStats struct {
+	Code    uint32
+	Count   uint64
+	Nanos   uint64
+	Buckets []uint64
+}
+
+// maxBuckets bounds CommandStats.Buckets.
+const maxBuckets = 64
+
 // Type implementations.
-func (Key) Type() Type      { return TypeKey }
-func (Ready) Type() Type    { return TypeReady }
-func (Get) Type() Type      { return TypeGet }
-func (Record) Type() Type   { return TypeRecord }
-func (NotFound) Type() Type { return TypeNotFound }
-func (Put) Type() Type      { return TypePut }
-func (Ack) Type() Type      { return TypeAck }
-func (Error) Type() Type    { return TypeError }
+func (Key) Type() Type          { return TypeKey }
+func (Ready) Type() Type        { return TypeReady }
+func (Get) Type() Type          { return TypeGet }
+func (Record) Type() Type       { return TypeRecord }
+func (NotFound) Type() Type     { return TypeNotFound }
+func (Put) Type() Type          { return TypePut }
+func (Ack) Type() Type          { return TypeAck }
+func (Error) Type() Type        { return TypeError }
+func (StatsRequest) Type() Type { return TypeStatsReq }
+func (Stats) Type() Type        { return TypeStats }
 
 // String never shows the secret.
 func (k Key) String() string { return fmt.Sprintf("key %s for VM %s", k.KeyID, k.VMID) }
@@ -123,7 +150,28 @@ func (p Put) appendFields(b []byte) ([]byte, error)    { return appendRecord(b, 
 func (a Ack) appendFields(b []byte) ([]byte, error) {
 	return binary.BigEndian.AppendUint64(b, a.Generation), nil
 }
-func (e Error) appendFields(b []byte) ([]byte, error) { return appendString(b, e.Message) }
+func (e Error) appendFields(b []byte) ([]byte, error)      { return appendString(b, e.Message) }
+func (StatsRequest) appendFields(b []byte) ([]byte, error) { return b, nil }
+
+func (s Stats) appendFields(b []byte) ([]byte, error) {
+	if len(s.Commands) > 0xffff {
+		return nil, fmt.Errorf("worker stats: %d command codes is too many", len(s.Commands))
+	}
+	b = binary.BigEndian.AppendUint16(b, uint16(len(s.Commands)))
+	for _, c := range s.Commands {
+		if len(c.Buckets) > maxBuckets {
+			return nil, fmt.Errorf("worker stats: %d buckets is over the limit of %d", len(c.Buckets), maxBuckets)
+		}
+		b = binary.BigEndian.AppendUint32(b, c.Code)
+		b = binary.BigEndian.AppendUint64(b, c.Count)
+		b = binary.BigEndian.AppendUint64(b, c.Nanos)
+		b = append(b, byte(len(c.Buckets)))
+		for _, n := range c.Buckets {
+			b = binary.BigEndian.AppendUint64(b, n)
+		}
+	}
+	return b, nil
+}
 
 func appendString(b []byte, s string) ([]byte, error) {
 	if len(s) > 0xffff {
@@ -226,12 +274,18 @@ func DecodeMessage(b []byte) (Message, error) {
 		m = Ack{Generation: d.u64()}
 	case TypeError:
 		m = Error{Message: d.str()}
+	case TypeStatsReq:
+		m = StatsRequest{}
+	case TypeStats:
+		m = d.stats()
 	default:
 		return nil, fmt.Errorf("%w: unknown type %d", ErrMalformed, t)
 	}
 	switch {
 	case d.short:
 		return nil, fmt.Errorf("%w: type %d cut short at %d bytes", ErrMalformed, b[0], len(b))
+	case d.bad != "":
+		return nil, fmt.Errorf("%w: type %d: %s", ErrMalformed, b[0], d.bad)
 	case len(d.b) != 0:
 		return nil, fmt.Errorf("%w: %d bytes after a message of type %d", ErrMalformed, len(d.b), b[0])
 	}
@@ -241,6 +295,7 @@ func DecodeMessage(b []byte) (Message, error) {
 type decoder struct {
 	b     []byte
 	short bool
+	bad   string // why the fields do not decode, if not short
 }
 
 func (d *decoder) take(n int) []byte {
@@ -265,6 +320,42 @@ func (d *decoder) str() string {
 		return ""
 	}
 	return string(d.take(int(binary.BigEndian.Uint16(n))))
+}
+
+// stats decodes Stats. The counts are taken as sent: they only feed the
+// metrics.
+func (d *decoder) stats() Stats {
+	n := d.take(2)
+	if n == nil {
+		return Stats{}
+	}
+	var s Stats
+	for range binary.BigEndian.Uint16(n) {
+		c := CommandStats{Code: d.u32(), Count: d.u64(), Nanos: d.u64()}
+		nb := d.take(1)
+		if d.short {
+			return Stats{}
+		}
+		if nb[0] > maxBuckets {
+			d.bad = fmt.Sprintf("%d latency buckets is over the limit of %d", nb[0], maxBuckets)
+			return Stats{}
+		}
+		for range nb[0] {
+			c.Buckets = append(c.Buckets, d.u64())
+		}
+		if d.short {
+			return Stats{}
+		}
+		s.Commands = append(s.Commands, c)
+	}
+	return s
+}
+
+func (d *decoder) u32() uint32 {
+	if v := d.take(4); v != nil {
+		return binary.BigEndian.Uint32(v)
+	}
+	return 0
 }
 
 func (d *decoder) u64() uint64 {

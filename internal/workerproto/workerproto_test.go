@@ -19,7 +19,8 @@ func Messages() []Message {
 	return []Message{
 		Key{VMID: "0123", KeyID: "host:abcd", Secret: bytes.Repeat([]byte{7}, KeySize)},
 		Ready{}, Get{VMID: "0123"}, Record{Record: rec}, NotFound{}, Put{Record: rec},
-		Ack{Generation: 7}, Error{Message: "disk full"},
+		Ack{Generation: 7}, Error{Message: "disk full"}, StatsRequest{},
+		Stats{Commands: []CommandStats{{Code: 0x17b, Count: 3, Nanos: 90000, Buckets: []uint64{1, 2, 0}}, {Code: 0, Count: 1, Nanos: 5}}},
 	}
 }
 
@@ -45,7 +46,8 @@ func TestRoundTrip(t *testing.T) {
 func TestMalformed(t *testing.T) {
 	key, err := Marshal(Messages()[0])
 	require.NoError(t, err)
-	for _, b := range [][]byte{{}, {0}, {99}, key[4 : len(key)-1], append(append([]byte(nil), key[4:]...), 0), {byte(TypeAck), 1}, {byte(TypePut), 'V'}, {byte(TypeReady), 0}} {
+	for _, b := range [][]byte{{}, {0}, {99}, key[4 : len(key)-1], append(append([]byte(nil), key[4:]...), 0), {byte(TypeAck), 1}, {byte(TypePut), 'V'}, {byte(TypeReady), 0},
+		{byte(TypeStats), 0, 1, 0, 0, 1, 0x7b, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 1, 65}, {byte(TypeStats), 0, 2}} {
 		_, err := DecodeMessage(b)
 		assert.ErrorIs(t, err, ErrMalformed, "%x", b)
 	}

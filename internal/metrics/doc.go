@@ -1,0 +1,16 @@
+// Package metrics is what the worker and the supervisor of `vtpmd serve`
+// share for the Prometheus metrics: the latency buckets, the worker's TPM
+// command recorder, and the command names.
+//
+// A worker counts its TPM commands in a Commands, in memory: a lock and a
+// few additions per command, no system call and no message. The supervisor
+// asks each worker for a snapshot (workerproto.Stats) when it is scraped,
+// and exposes them with the VM's name as vtpmd_tpm_command_duration_seconds
+// (see package serve). A worker's counts start at zero, so a VM's series
+// reset when its worker restarts, as a restarted process's do; Prometheus'
+// rate() and increase() allow for that.
+//
+// The command label is one of the TPM 2.0 command names, or "other" for any
+// code that is none of them, so that a guest sending made-up command codes
+// cannot make the series grow.
+package metrics
