@@ -58,7 +58,7 @@ func TestPrintCapabilities(t *testing.T) {
 	}
 	assert.Equal(t, `{ "type": "swtpm", "features": [ "tpm-2.0", "tpm-send-command-header", "flags-opt-startup", `+
 		`"flags-opt-disable-auto-shutdown", "ctrl-opt-terminate", "cmdarg-key-fd", "cmdarg-pwd-fd", "cmdarg-print-states", "cmdarg-migration", "nvram-backend-dir", `+
-		`"tpmstate-opt-lock", "tpmstate-dir-backend-opt-fsync", "rsa-keysize-1024", "rsa-keysize-2048", `+
+		`"nvram-backend-file", "tpmstate-opt-lock", "tpmstate-dir-backend-opt-fsync", "rsa-keysize-1024", "rsa-keysize-2048", `+
 		`"systemd-notify" ], "version": "0.1.0" }`+"\n", out)
 	// libvirt asks without --tpm2.
 	out2, code := runDaemonCmd(t, "socket", "--print-capabilities")
@@ -67,15 +67,27 @@ func TestPrintCapabilities(t *testing.T) {
 }
 
 func TestPrintStates(t *testing.T) {
+	forEachBackend(t, testPrintStates)
+}
+
+func testPrintStates(t *testing.T, b stateBackend) {
 	dir := sockDir(t)
-	out, code := runDaemonCmd(t, "socket", "--tpm2", "--print-states", "--tpmstate", "dir="+dir)
+	out, code := runDaemonCmd(t, "socket", "--tpm2", "--print-states", "--tpmstate", b.tpmstate(dir))
 	require.Equal(t, 0, code, out)
 	assert.Equal(t, `{ "type": "swtpm", "states": [] }`, strings.TrimSpace(out))
+	if b == fileBackend {
+		// As swtpm does; swtpm_setup 0.7.1 counts on it.
+		assert.FileExists(t, b.statePath(dir), "--print-states creates a missing state file")
+	}
 
-	tpm := startSocketTPM(t, dir, "not-need-init", "")
+	tpm := startSocketTPMOn(t, b, dir, "not-need-init", "")
 	ioctlOK(t, tpm.ctrl, "-s")
 	tpm.waitExit(t, 5*time.Second)
-	out, code = runDaemonCmd(t, "socket", "--tpm2", "--print-states", "--tpmstate", "backend-uri=dir://"+dir)
+	uri := "backend-uri=dir://" + dir
+	if b == fileBackend {
+		uri = b.tpmstate(dir)
+	}
+	out, code = runDaemonCmd(t, "socket", "--tpm2", "--print-states", "--tpmstate", uri)
 	require.Equal(t, 0, code, out)
 	assert.Regexp(t, `^\{ "type": "swtpm", "states": \[ \{"name": "permall", "size": [1-9][0-9]+\} \] \}$`, strings.TrimSpace(out))
 }
@@ -99,6 +111,9 @@ func TestBadCommandLines(t *testing.T) {
 		{[]string{"socket", "--tpm2", "--tpmstate", "dir=" + dir, "--ctrl"}, `option --ctrl needs a value`, false},
 		{[]string{"socket", "--tpm2", "--tpmstate", "dir=" + dir, "--ctrl", ctrl, "--key", "file=/nonexistent/key"}, `--key: open /nonexistent/key: no such file or directory`, false},
 		{[]string{"socket", "--tpmstate", "dir=" + dir, "--ctrl", ctrl}, `TPM 2.0 only: pass --tpm2`, true},
+		{[]string{"socket", "--tpm2", "--tpmstate", "backend-uri=nbd://host/x", "--ctrl", ctrl}, `backend URI "nbd://host/x": give dir://<dir> or file://<file or block device>`, false},
+		{[]string{"socket", "--tpm2", "--tpmstate", "backend-uri=file://", "--ctrl", ctrl}, `backend URI "file://" names no path`, false},
+		{[]string{"socket", "--tpm2", "--tpmstate", "backend-uri=file://" + dir + "/f,lock=false", "--ctrl", ctrl}, `always locked`, true},
 	} {
 		if tc.vtpmdOnly && testingPeer() {
 			continue

@@ -28,7 +28,7 @@ import (
 //
 // TestCrashSafety drives NV_Increment, NV_Write and EvictControl over one
 // data connection, SIGKILLs the daemon at a random moment, restarts it on
-// the same state directory and compares what the TPM holds with what the
+// the same state (a state dir, then a state file) and compares what the TPM holds with what the
 // client was told. The client tracks, for every operation, what its
 // acknowledged responses imply, plus the one command that was in flight at
 // the kill (it may or may not have taken effect). Set VTPMD_CRASH_SEED to
@@ -39,8 +39,11 @@ import (
 // that the store reaches the disk (which only a power cut would show).
 
 const (
-	// crashKills is the number of SIGKILLs during client load.
-	crashKills = 80
+	// crashKills is the number of SIGKILLs during client load, with the
+	// state in a dir; crashFileKills with the state in a file, whose slot
+	// logic the unit tests of state/ cover, so a few kills check the wiring.
+	crashKills     = 80
+	crashFileKills = 20
 	// Every crashEarlyEvery-th round the daemon is also killed during its
 	// start, 0..crashEarlyMax after exec, before or while it stores the
 	// state of its TPM2_Startup(CLEAR). These kills come on top of
@@ -522,6 +525,11 @@ func TestCrashSafety(t *testing.T) {
 	if testingPeer() {
 		t.Skip("swtpm 0.7.1 does not fsync its state, so it does not promise what this test checks")
 	}
+	t.Run("dir", func(t *testing.T) { testCrashSafety(t, dirBackend, crashKills) })
+	t.Run("file", func(t *testing.T) { testCrashSafety(t, fileBackend, crashFileKills) })
+}
+
+func testCrashSafety(t *testing.T, b stateBackend, kills int) {
 	seed := uint64(time.Now().UnixNano())
 	if s := os.Getenv("VTPMD_CRASH_SEED"); s != "" {
 		var err error
@@ -536,7 +544,7 @@ func TestCrashSafety(t *testing.T) {
 
 	// Set up on a new TPM: the indices, one increment (a new counter has
 	// no value) and one write.
-	s := startSocketTPM(t, dir, flags, "")
+	s := startSocketTPMOn(t, b, dir, flags, "")
 	conn := dialCrashTPM(t, s)
 	tpm := connTPM{conn}
 	require.NoError(t, defineCrashIndices(tpm))
@@ -559,7 +567,7 @@ func TestCrashSafety(t *testing.T) {
 	earlyKills, idleKills := 0, 0
 	var loadTime time.Duration
 
-	for kill := 0; kill < crashKills; kill++ {
+	for kill := 0; kill < kills; kill++ {
 		// Load the daemon that serves conn, kill it, check the restart.
 		client := &crashClient{tpm: tpm, m: m, rng: rng, next: &next, rotation: &rotation, acked: acked}
 		done := make(chan error, 1)
@@ -575,13 +583,13 @@ func TestCrashSafety(t *testing.T) {
 
 		if kill%crashEarlyEvery == crashEarlyEvery-1 {
 			// Kill a restarting daemon before it serves.
-			e := startSocketTPM(t, dir, flags, "")
+			e := startSocketTPMOn(t, b, dir, flags, "")
 			time.Sleep(time.Duration(rng.Int64N(int64(crashEarlyMax))))
 			killDaemon(t, e.daemon)
 			earlyKills++
 		}
 
-		s = startSocketTPM(t, dir, flags, "")
+		s = startSocketTPMOn(t, b, dir, flags, "")
 		conn = dialCrashTPM(t, s)
 		tpm = connTPM{conn}
 		o, err := observeCrashState(tpm)
@@ -615,7 +623,7 @@ func TestCrashSafety(t *testing.T) {
 	}
 	slices.Sort(inflight)
 	t.Logf("%d SIGKILLs under load (%v of load in all) + %d during start, in %v; every restart loaded and kept every acknowledged change",
-		crashKills, loadTime.Round(time.Millisecond), earlyKills, time.Since(start).Round(time.Millisecond))
+		kills, loadTime.Round(time.Millisecond), earlyKills, time.Since(start).Round(time.Millisecond))
 	t.Logf("acknowledged: %d commands: %s", total, strings.Join(ops, ", "))
 	t.Logf("killed with a state-changing command in flight: %s; at other moments: %d", strings.Join(inflight, ", "), idleKills)
 	t.Logf("counter %d -> %d, last NV_Write value %d, persistent %s", firstCounter, m.counterLo, m.data, handleList(m.persisted))

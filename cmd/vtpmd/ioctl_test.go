@@ -55,6 +55,12 @@ type socketTPM struct {
 // when VTPMD_CAPTURE is set ("" for none).
 func startSocketTPM(t *testing.T, dir, flags, capture string) *socketTPM {
 	t.Helper()
+	return startSocketTPMOn(t, dirBackend, dir, flags, capture)
+}
+
+// startSocketTPMOn is startSocketTPM with the state on backend b.
+func startSocketTPMOn(t *testing.T, b stateBackend, dir, flags, capture string) *socketTPM {
+	t.Helper()
 	if dir == "" {
 		dir = sockDir(t)
 	}
@@ -63,7 +69,7 @@ func startSocketTPM(t *testing.T, dir, flags, capture string) *socketTPM {
 	s.ctrlListen = captureSocket(t, log, s.ctrl, "ctrl")
 	s.dataListen = captureSocket(t, log, s.data, "data")
 	args := []string{"socket", "--tpm2",
-		"--tpmstate", "dir=" + dir,
+		"--tpmstate", b.tpmstate(dir),
 		"--ctrl", "type=unixio,path=" + s.ctrlListen,
 		"--server", "type=unixio,path=" + s.dataListen}
 	if flags != "" {

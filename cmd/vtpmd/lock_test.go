@@ -65,11 +65,15 @@ func TestStorageLockHandover(t *testing.T) {
 	if testingPeer() {
 		t.Skip("swtpm 0.7.1 has no --migration option")
 	}
+	forEachBackend(t, testStorageLockHandover)
+}
+
+func testStorageLockHandover(t *testing.T, b stateBackend) {
 	dir := sockDir(t)
 	run := sockDir(t)
 	start := func(name, migration string) (ctrl, data string, d *daemon) {
 		ctrl, data = filepath.Join(run, name+".ctrl"), filepath.Join(run, name+".data")
-		d = startDaemon(t, []string{"socket", "--tpm2", "--tpmstate", "dir=" + dir,
+		d = startDaemon(t, []string{"socket", "--tpm2", "--tpmstate", b.tpmstate(dir),
 			"--ctrl", "type=unixio,path=" + ctrl, "--server", "type=unixio,path=" + data,
 			"--migration", migration}, ctrl, data)
 		return ctrl, data, d

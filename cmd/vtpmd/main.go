@@ -96,8 +96,9 @@ const socketUsage = `Usage: vtpmd socket --tpm2 [options]
 
 Serves one TPM 2.0 with swtpm's protocol. Options (as swtpm's):
 --tpm2           : emulate a TPM 2.0 (required; TPM 1.2 is not emulated)
---tpmstate dir=<dir>[,mode=0600][,lock[=true|false]][,fsync] | backend-uri=dir://<dir>
-                 : the TPM's state directory (or $TPM_PATH)
+--tpmstate dir=<dir>|backend-uri=dir://<dir>|backend-uri=file://<file>[,mode=0600][,lock][,fsync]
+                 : the TPM's state directory (or $TPM_PATH), or state file (a regular
+                   file or a block device); always locked, written 0600, synced
 --ctrl type=unixio,path=<path>[,mode=0600][,uid=][,gid=][,terminate]
 --ctrl type=unixio,fd=<listening fd>|clientfd=<connected fd>
 --ctrl type=tcp,port=<port>[,bindaddr=127.0.0.1][,ifname=][,terminate] | type=tcp,fd=<fd>

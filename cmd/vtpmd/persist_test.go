@@ -10,12 +10,16 @@ import (
 )
 
 // TestPersist makes persistent objects and NV data with tpm2-tools, restarts
-// the daemon on the same state directory (once after CMD_SHUTDOWN from
-// swtpm_ioctl -s, once after SIGTERM) and checks that everything is still
-// there, byte for byte.
+// the daemon on the same state directory or file (once after CMD_SHUTDOWN
+// from swtpm_ioctl -s, once after SIGTERM) and checks that everything is
+// still there, byte for byte.
 func TestPersist(t *testing.T) {
+	forEachBackend(t, testPersist)
+}
+
+func testPersist(t *testing.T, b stateBackend) {
 	stateDir := sockDir(t)
-	tt := startToolsTPM(t, stateDir, "")
+	tt := startToolsTPMOn(t, b, stateDir, "")
 	work := tt.work
 
 	const (
@@ -70,8 +74,8 @@ func TestPersist(t *testing.T) {
 	// tools' work files carried over.
 	restart := func(t *testing.T) *toolsTPM {
 		t.Helper()
-		require.FileExists(t, stateFile(stateDir))
-		next := startToolsTPM(t, stateDir, "")
+		require.FileExists(t, b.storedFile(stateDir))
+		next := startToolsTPMOn(t, b, stateDir, "")
 		next.work = work
 		return next
 	}
@@ -92,11 +96,11 @@ func TestPersist(t *testing.T) {
 	require.NoError(t, tt.err, "exit status after SIGTERM")
 	tt = restart(t)
 	check(t, tt)
-	if testingPeer() {
-		b, err := os.ReadFile(stateFile(stateDir))
+	if testingPeer() && b == dirBackend {
+		data, err := os.ReadFile(stateFile(stateDir))
 		require.NoError(t, err)
 		// swtpm's state file envelope: version 2, min version 1, header
 		// size 10.
-		require.Equal(t, []byte{2, 1, 0, 10}, b[:4])
+		require.Equal(t, []byte{2, 1, 0, 10}, data[:4])
 	}
 }

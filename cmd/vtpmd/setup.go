@@ -24,7 +24,8 @@ import (
 // setupConfig is the command line of `vtpmd setup`, which is swtpm_setup's.
 type setupConfig struct {
 	tpm2      bool
-	stateDir  string
+	stateDir  string // the state dir, or the state file if stateFile
+	stateFile bool
 	vmid      string
 	logPath   string
 	config    string
@@ -161,13 +162,14 @@ func parseSetupConfig(args []string) (*setupConfig, error) {
 	if c.spkECC && !c.createSPK {
 		return nil, errors.New("setup: --ecc selects the storage primary key's type and needs --create-spk (the EKs are always RSA and ECC)")
 	}
-	switch {
-	case tpmstate == "":
+	if tpmstate == "" {
 		return nil, errors.New("setup: --tpm-state <dir> is required")
-	case strings.HasPrefix(tpmstate, "file://"):
-		return nil, fmt.Errorf("setup: --tpm-state %s: only a directory (dir://) is supported", tpmstate)
 	}
-	c.stateDir, err = filepath.Abs(strings.TrimPrefix(tpmstate, "dir://"))
+	if !strings.HasPrefix(tpmstate, "dir://") && !strings.HasPrefix(tpmstate, "file://") {
+		// As swtpm_setup: anything else is a directory.
+		tpmstate = "dir://" + tpmstate
+	}
+	c.stateDir, c.stateFile, err = parseBackendURI("setup: --tpm-state", tpmstate)
 	return c, err
 }
 
@@ -296,10 +298,12 @@ func setup(c *setupConfig, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	if err := os.MkdirAll(c.stateDir, 0o700); err != nil {
-		return fmt.Errorf("setup: %w", err)
+	if !c.stateFile {
+		if err := os.MkdirAll(c.stateDir, 0o700); err != nil {
+			return fmt.Errorf("setup: %w", err)
+		}
 	}
-	vmState, err := openVMState(ctx, c.stateDir, keys, true)
+	vmState, err := openVMState(ctx, c.stateDir, c.stateFile, keys, true)
 	if err != nil {
 		return err
 	}
@@ -522,12 +526,13 @@ func setupLogger(path string) (*slog.Logger, func(), error) {
 	return slog.New(slog.NewTextHandler(f, nil)).With("prog", "vtpmd setup"), func() { f.Close() }, nil
 }
 
-const setupUsage = `Usage: vtpmd setup --tpm2 --tpm-state <dir> [options]
+const setupUsage = `Usage: vtpmd setup --tpm2 --tpm-state <dir>|file://<file> [options]
 
 Provisions a new TPM 2.0 in process, with swtpm_setup's options:
 --tpm2                   : set up a TPM 2.0 (required; TPM 1.2 is not emulated)
---tpm-state|--tpmstate <dir>|dir://<dir>
-                         : the TPM's state directory
+--tpm-state|--tpmstate <dir>|dir://<dir>|file://<file>
+                         : the TPM's state directory, or state file (a regular
+                           file or a block device)
 --createek               : create the RSA 2048 and ECC P-384 EKs (0x81010001, 0x81010016)
 --create-ek-cert         : also their certificates (NV 0x01c00002, 0x01c00016)
 --create-platform-cert   : also the platform certificate (NV 0x01c08000)

@@ -245,6 +245,42 @@ func TestSetupLibvirt(t *testing.T) {
 	tt.stop(t)
 }
 
+// TestSetupStateFile provisions into a state file, as libvirt does for a
+// TPM whose state lives in a file or on a block device (--tpm-state
+// file://), and serves it with `vtpmd socket --tpmstate backend-uri=file://`.
+func TestSetupStateFile(t *testing.T) {
+	if testingPeer() {
+		t.Skip("vtpmd setup is vtpmd's own")
+	}
+	env, _ := setupEnv(t)
+	dir := sockDir(t)
+	file := fileBackend.statePath(dir)
+	logfile := filepath.Join(t.TempDir(), "setup.log")
+	out, code := runSetupEnv(t, env, libvirtSetupArgs("file://"+file, "vm5:file", logfile)...)
+	require.Equal(t, 0, code, out)
+	fi, err := os.Stat(file)
+	require.NoError(t, err)
+	assert.Equal(t, os.FileMode(0o600), fi.Mode().Perm())
+	out, code = runDaemonCmd(t, "socket", "--tpm2", "--print-states", "--tpmstate", "backend-uri=file://"+file)
+	require.Equal(t, 0, code, out)
+	assert.Contains(t, out, `"permall"`)
+
+	// --not-overwrite leaves the file as it is.
+	before, err := os.ReadFile(file)
+	require.NoError(t, err)
+	out, code = runSetupEnv(t, env, libvirtSetupArgs("file://"+file, "vm5:file", logfile)...)
+	require.Equal(t, 0, code, out)
+	after, err := os.ReadFile(file)
+	require.NoError(t, err)
+	assert.Equal(t, before, after)
+
+	tt := startToolsTPMOn(t, fileBackend, dir, "")
+	tt.run(t, "tpm2_nvread", "-C", "o", "-o", "ek.der", "0x01c00002")
+	cert, err := x509.ParseCertificate(tt.read(t, "ek.der"))
+	require.NoError(t, err)
+	assert.Equal(t, "vm5:file", cert.Subject.CommonName)
+}
+
 // TestSetupEncryptedState provisions with libvirt's encryption options
 // (--pwdfile-fd, --cipher aes-256-cbc) and serves the state with swtpm's
 // --key pwdfd= of the same passphrase; another passphrase does not open it.
@@ -297,7 +333,6 @@ func TestSetupRefusesWhatItCannotDo(t *testing.T) {
 	}{
 		{[]string{"--tpm2", "--tpm-state", dir, "--allow-signing"}, "--allow-signing is not supported"},
 		{[]string{"--tpm2", "--tpm-state", dir, "--rsa-keysize", "3072"}, "--rsa-keysize 3072 is not supported"},
-		{[]string{"--tpm2", "--tpm-state", "file://" + dir + "/f"}, "only a directory"},
 		{[]string{"--tpm-state", dir}, "pass --tpm2"},
 		{[]string{"--tpm2", "--tpm-state", dir, "--take-ownership"}, "TPM 1.2"},
 		{[]string{"--tpm2", "--tpm-state", dir, "--tpm", "/usr/bin/swtpm socket"}, "--tpm is not supported"},
@@ -401,20 +436,28 @@ func localCAConfig(t *testing.T) string {
 }
 
 // TestDebianSwtpmSetupWithVtpmd runs Debian's own swtpm_setup (0.7.1) with
-// vtpmd installed as swtpm, then serves the state it provisioned with
-// `vtpmd socket`.
+// vtpmd installed as swtpm, on a state dir and on a state file, then serves
+// the state it provisioned with `vtpmd socket`.
 func TestDebianSwtpmSetupWithVtpmd(t *testing.T) {
 	if testingPeer() {
 		t.Skip("checks vtpmd as swtpm")
 	}
-	swtpmSetup := "/usr/bin/swtpm_setup"
-	if _, err := os.Stat(swtpmSetup); err != nil {
+	if _, err := os.Stat("/usr/bin/swtpm_setup"); err != nil {
 		t.Skip("swtpm-tools is not installed")
 	}
+	forEachBackend(t, testDebianSwtpmSetupWithVtpmd)
+}
+
+func testDebianSwtpmSetupWithVtpmd(t *testing.T, b stateBackend) {
+	swtpmSetup := "/usr/bin/swtpm_setup"
 	_, env := swtpmNames(t, os.Environ())
 	dir := sockDir(t)
+	tpmState := dir
+	if b == fileBackend {
+		tpmState = "file://" + b.statePath(dir)
+	}
 	logfile := filepath.Join(t.TempDir(), "swtpm_setup.log")
-	args := append(libvirtSetupArgs(dir, "vm3:debian", logfile), "--config", localCAConfig(t))
+	args := append(libvirtSetupArgs(tpmState, "vm3:debian", logfile), "--config", localCAConfig(t))
 	out, code := runIn(t, env, swtpmSetup, args...)
 	logText, _ := os.ReadFile(logfile)
 	require.Equal(t, 0, code, "%s\n%s", out, logText)
@@ -422,7 +465,7 @@ func TestDebianSwtpmSetupWithVtpmd(t *testing.T) {
 	require.Contains(t, string(logText), "--tpm-model vtpmd")
 	require.Contains(t, string(logText), "Successfully authored TPM state.")
 
-	tt := startToolsTPM(t, dir, "")
+	tt := startToolsTPMOn(t, b, dir, "")
 	tt.run(t, "tpm2_getrandom", "8")
 	tt.run(t, "tpm2_nvread", "-C", "o", "-o", "ek.der", "0x01c00002")
 	cert, err := x509.ParseCertificate(tt.read(t, "ek.der"))

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"os"
@@ -36,7 +37,7 @@ func runSocket(args []string, stdout io.Writer) error {
 	case c.printCapabilities:
 		return printCapabilities(stdout)
 	case c.printStates:
-		return printStates(stdout, c.stateDir)
+		return printStates(stdout, c.stateDir, c.stateFile)
 	case !c.tpm2:
 		return errors.New("socket: vtpmd emulates TPM 2.0 only: pass --tpm2")
 	case c.daemon && os.Getenv(daemonEnv) == "":
@@ -62,7 +63,7 @@ func serveSocket(c *socketConfig, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	vmState, err := openVMState(ctx, c.stateDir, keys, !c.incoming)
+	vmState, err := openVMState(ctx, c.stateDir, c.stateFile, keys, !c.incoming)
 	if err != nil {
 		return err
 	}
@@ -326,7 +327,7 @@ func printCapabilities(w io.Writer) error {
 	}
 	features := []string{
 		"tpm-2.0", "tpm-send-command-header", "flags-opt-startup", "flags-opt-disable-auto-shutdown",
-		"ctrl-opt-terminate", "cmdarg-key-fd", "cmdarg-pwd-fd", "cmdarg-print-states", "cmdarg-migration", "nvram-backend-dir", "tpmstate-opt-lock",
+		"ctrl-opt-terminate", "cmdarg-key-fd", "cmdarg-pwd-fd", "cmdarg-print-states", "cmdarg-migration", "nvram-backend-dir", "nvram-backend-file", "tpmstate-opt-lock",
 		"tpmstate-dir-backend-opt-fsync",
 	}
 	for _, bits := range info.RSAKeySizes {
@@ -347,17 +348,10 @@ func printCapabilities(w io.Writer) error {
 // printStates prints swtpm's --print-states JSON. vtpmd keeps a TPM's whole
 // state in one record, listed under swtpm's name "permall"; a record that
 // does not parse is listed too.
-func printStates(w io.Writer, dir string) error {
-	var entries []state.Entry
-	if _, err := os.Stat(filepath.Join(dir, "CURRENT")); err == nil {
-		store, err := state.Open(dir, state.Options{ReadOnly: true})
-		if err != nil {
-			return err
-		}
-		entries, err = store.List()
-		if err = errors.Join(err, store.Close()); err != nil {
-			return err
-		}
+func printStates(w io.Writer, path string, file bool) error {
+	entries, err := listStates(path, file)
+	if err != nil {
+		return err
 	}
 	var list []string
 	for _, e := range entries {
@@ -367,8 +361,41 @@ func printStates(w io.Writer, dir string) error {
 		_, err := fmt.Fprintln(w, `{ "type": "swtpm", "states": [] }`)
 		return err
 	}
-	_, err := fmt.Fprintf(w, "{ \"type\": \"swtpm\", \"states\": [ %s ] }\n", strings.Join(list, ", "))
+	_, err = fmt.Fprintf(w, "{ \"type\": \"swtpm\", \"states\": [ %s ] }\n", strings.Join(list, ", "))
 	return err
+}
+
+// listStates lists the records of the state dir or file at path, read only;
+// there are none if it does not exist. A missing state file is created
+// empty, as swtpm creates it: swtpm_setup 0.7.1 then removes it before
+// provisioning, and fails if it is not there.
+func listStates(path string, file bool) ([]state.Entry, error) {
+	var store interface {
+		List() ([]state.Entry, error)
+		Close() error
+	}
+	var err error
+	switch {
+	case file:
+		store, err = state.OpenFile(path, state.FileOptions{ReadOnly: true})
+		if errors.Is(err, fs.ErrNotExist) {
+			f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o600)
+			if err != nil {
+				return nil, fmt.Errorf("create state file %s: %w", path, err)
+			}
+			return nil, f.Close()
+		}
+	default:
+		if _, err := os.Stat(filepath.Join(path, "CURRENT")); err != nil {
+			return nil, nil
+		}
+		store, err = state.Open(path, state.Options{ReadOnly: true})
+	}
+	if err != nil {
+		return nil, err
+	}
+	entries, err := store.List()
+	return entries, errors.Join(err, store.Close())
 }
 
 // readKeys reads --key and --migration-key, once, since a descriptor can

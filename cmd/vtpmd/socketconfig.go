@@ -4,9 +4,7 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"path/filepath"
 	"strconv"
-	"strings"
 
 	"github.com/vtpmd/vtpmd/internal/options"
 )
@@ -31,7 +29,8 @@ type endpoint struct {
 // socketConfig is the command line of `vtpmd socket`, which is swtpm's.
 type socketConfig struct {
 	tpm2         bool
-	stateDir     string
+	stateDir     string // the state dir, or the state file if stateFile
+	stateFile    bool
 	key          string // --key's value, read when serving
 	migrationKey string // --migration-key's value, read when serving
 
@@ -173,12 +172,13 @@ func parseSocketConfig(args []string) (*socketConfig, error) {
 }
 
 func (c *socketConfig) parseTPMState(s string) error {
+	var err error
 	if s == "" {
 		if env := os.Getenv("TPM_PATH"); env != "" {
-			c.stateDir = env
-			return nil
+			c.stateDir, c.stateFile, err = parseBackendURI("$TPM_PATH", "dir://"+env)
+			return err
 		}
-		return fmt.Errorf("socket: give --tpmstate dir=<dir> (or set TPM_PATH)")
+		return fmt.Errorf("socket: give --tpmstate dir=<dir> or backend-uri=file://<file> (or set TPM_PATH)")
 	}
 	v, err := options.Parse("--tpmstate", s, "dir", "backend-uri", "mode", "lock", "fsync")
 	if err != nil {
@@ -188,28 +188,26 @@ func (c *socketConfig) parseTPMState(s string) error {
 	case dir != "" && uri != "":
 		return fmt.Errorf("--tpmstate: give dir= or backend-uri=, not both")
 	case dir != "":
-		c.stateDir = dir
-	case strings.HasPrefix(uri, "dir://"):
-		c.stateDir = strings.TrimPrefix(uri, "dir://")
+		c.stateDir, c.stateFile, err = parseBackendURI("--tpmstate", "dir://"+dir)
 	case uri != "":
-		return fmt.Errorf("--tpmstate: backend-uri=%q: only dir:// is supported", uri)
+		c.stateDir, c.stateFile, err = parseBackendURI("--tpmstate", uri)
 	default:
-		return fmt.Errorf("--tpmstate: dir= is required")
+		return fmt.Errorf("--tpmstate: dir= or backend-uri= is required")
 	}
-	if c.stateDir == "" {
-		return fmt.Errorf("--tpmstate: empty directory")
+	if err != nil {
+		return err
 	}
-	// The store's files are always 0600 in a 0700 directory, so mode= can
-	// only make them more private than asked; every write is fsynced, so
+	// The store's files are always 0600 (in a 0700 directory), so mode= can
+	// only make them more private than asked; every write is synced, so
 	// fsync= holds either way.
 	if _, err := v.Mode("mode", 0o600); err != nil {
 		return err
 	}
+	// swtpm locks a state file only with lock; vtpmd always locks.
 	if !v.Bool("lock", true) {
 		return fmt.Errorf("--tpmstate: lock=false: the state store is always locked while open")
 	}
-	c.stateDir, err = filepath.Abs(c.stateDir)
-	return err
+	return nil
 }
 
 func parseCtrl(s string) (*endpoint, error) {

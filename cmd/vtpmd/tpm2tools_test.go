@@ -46,6 +46,13 @@ type toolsTPM struct {
 // directory if empty) with the sockets inside it.
 func startToolsTPM(t *testing.T, stateDir, capture string) *toolsTPM {
 	t.Helper()
+	return startToolsTPMOn(t, dirBackend, stateDir, capture)
+}
+
+// startToolsTPMOn is startToolsTPM with the state on backend b (stateDir
+// holds the sockets, and the state file with fileBackend).
+func startToolsTPMOn(t *testing.T, b stateBackend, stateDir, capture string) *toolsTPM {
+	t.Helper()
 	if stateDir == "" {
 		stateDir = sockDir(t)
 	}
@@ -54,7 +61,7 @@ func startToolsTPM(t *testing.T, stateDir, capture string) *toolsTPM {
 	tt.dataListen = captureSocket(t, log, tt.sock, "data")
 	tt.ctrlListen = captureSocket(t, log, tt.sock+".ctrl", "ctrl")
 	tt.daemon = startDaemon(t, []string{"socket", "--tpm2",
-		"--tpmstate", "dir=" + stateDir,
+		"--tpmstate", b.tpmstate(stateDir),
 		"--server", "type=unixio,path=" + tt.dataListen,
 		"--ctrl", "type=unixio,path=" + tt.ctrlListen,
 		"--flags", "not-need-init,startup-clear"}, tt.dataListen, tt.ctrlListen)

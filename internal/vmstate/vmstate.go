@@ -144,22 +144,34 @@ func (s *Sealed) Close() error {
 // or saving takes the lock if it is not held.
 type Lockable struct {
 	mu     sync.Mutex
-	sealed Sealed       // its Store is nil while the lock is not held
-	store  *state.Store // the same store, nil while the lock is not held
-	dir    string
+	sealed Sealed      // its Store is nil while the lock is not held
+	store  LockedStore // the same store, nil while the lock is not held
+	open   Opener
 }
+
+// LockedStore is a VM's own store, which holds the storage lock while open:
+// a *state.Store (a state dir) or a *state.FileStore (a state file).
+type LockedStore interface {
+	Records
+	io.Closer
+}
+
+// Opener opens a LockedStore, failing with an error wrapping state.ErrLocked
+// while another process holds it.
+type Opener func() (LockedStore, error)
 
 // lockRetryInterval is the pause between attempts to take the lock.
 const lockRetryInterval = 10 * time.Millisecond
 
-// OpenLockable prepares the VM's state in dir, taking the storage lock now
-// if lock is set (else at first use, as for an incoming migration).
-func OpenLockable(ctx context.Context, dir string, keys sealing.KeySource, vmID string, witness *Witness, lock bool) (*Lockable, error) {
+// OpenLockable prepares the VM's state in the store open opens, taking the
+// storage lock now if lock is set (else at first use, as for an incoming
+// migration).
+func OpenLockable(ctx context.Context, open Opener, keys sealing.KeySource, vmID string, witness *Witness, lock bool) (*Lockable, error) {
 	key, err := keys.StateKey(ctx, vmID)
 	if err != nil {
 		return nil, err
 	}
-	l := &Lockable{sealed: Sealed{Key: key, VMID: vmID, SoleVM: true, Witness: witness}, dir: dir}
+	l := &Lockable{sealed: Sealed{Key: key, VMID: vmID, SoleVM: true, Witness: witness}, open: open}
 	if lock {
 		if err := l.Lock(0); err != nil {
 			return nil, err
@@ -181,7 +193,7 @@ func (l *Lockable) Lock(retries int) error {
 
 func (l *Lockable) lockLocked(retries int) error {
 	for attempt := 0; l.store == nil; attempt++ {
-		store, err := state.Open(l.dir, state.Options{})
+		store, err := l.open()
 		if err == nil {
 			l.sealed.Store, l.store = store, store
 			break

@@ -2,6 +2,7 @@ package vmstate
 
 import (
 	"context"
+	"os"
 	"path/filepath"
 	"testing"
 
@@ -116,7 +117,7 @@ func TestWitnessRefusesRollback(t *testing.T) {
 	root := t.TempDir()
 	dir, key := filepath.Join(root, "vm1"), filepath.Join(root, "host.key")
 	witness := &Witness{Dir: filepath.Join(root, "generations")}
-	l, err := OpenLockable(context.Background(), dir, &sealing.HostKey{Path: key}, "vm1", witness, true)
+	l, err := OpenLockable(context.Background(), openDir(dir), &sealing.HostKey{Path: key}, "vm1", witness, true)
 	require.NoError(t, err)
 	require.NoError(t, l.Save([]byte("image 1")))
 	old, err := l.sealed.Store.Get("vm1")
@@ -128,9 +129,57 @@ func TestWitnessRefusesRollback(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, uint64(2), gen)
 
-	l, err = OpenLockable(context.Background(), dir, &sealing.HostKey{Path: key}, "vm1", witness, false)
+	l, err = OpenLockable(context.Background(), openDir(dir), &sealing.HostKey{Path: key}, "vm1", witness, false)
 	require.NoError(t, err)
 	defer l.Unlock()
 	_, err = l.Load()
 	assert.ErrorContains(t, err, "generation 1 is older than 2, the newest stored: an old state was put back")
+}
+
+func openDir(dir string) Opener {
+	return func() (LockedStore, error) {
+		s, err := state.Open(dir, state.Options{})
+		if err != nil {
+			return nil, err
+		}
+		return s, nil
+	}
+}
+
+// A state file holds one VM's state: another VM neither loads it nor makes
+// a new TPM over it, and the file's lock is the storage lock.
+func TestLockableStateFile(t *testing.T) {
+	root := t.TempDir()
+	path, key := filepath.Join(root, "vm1.state"), &sealing.HostKey{Path: filepath.Join(root, "host.key")}
+	openFile := func() (LockedStore, error) {
+		s, err := state.OpenFile(path, state.FileOptions{})
+		if err != nil {
+			return nil, err
+		}
+		return s, nil
+	}
+	l, err := OpenLockable(context.Background(), openFile, key, "vm1", nil, true)
+	require.NoError(t, err)
+	require.NoError(t, l.Save([]byte("image 1")))
+	other, err := OpenLockable(context.Background(), openFile, key, "vm2", nil, false)
+	require.NoError(t, err)
+	assert.ErrorIs(t, other.Lock(0), state.ErrLocked, "vm1 holds the file")
+	require.NoError(t, l.Unlock())
+	before, err := os.ReadFile(path)
+	require.NoError(t, err)
+
+	_, err = other.Load()
+	assert.ErrorContains(t, err, `holds the state of VM "vm1", not of VM "vm2"`)
+	assert.ErrorContains(t, other.Save([]byte("image of vm2")), "not overwriting the stored state")
+	require.NoError(t, other.Unlock())
+	after, err := os.ReadFile(path)
+	require.NoError(t, err)
+	assert.Equal(t, before, after)
+
+	l, err = OpenLockable(context.Background(), openFile, key, "vm1", nil, false)
+	require.NoError(t, err)
+	defer l.Unlock()
+	image, err := l.Load()
+	require.NoError(t, err)
+	assert.Equal(t, []byte("image 1"), image)
 }
