@@ -44,9 +44,9 @@ func syncDir(path string) error {
 	return errors.Join(d.Sync(), d.Close())
 }
 
-// readPrivate reads a file that must be its owner's only (no group or
-// other permission), of at most limit bytes.
-func readPrivate(path string, limit int64) ([]byte, error) {
+// readFile reads a file of at most limit bytes; if private, it must be its
+// owner's only (no group or other permission).
+func readFile(path string, limit int64, private bool) ([]byte, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
@@ -56,7 +56,7 @@ func readPrivate(path string, limit int64) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	if fi.Mode().Perm()&0o077 != 0 {
+	if private && fi.Mode().Perm()&0o077 != 0 {
 		return nil, fmt.Errorf("%s has mode %04o: it must be readable by its owner only (0600)", path, fi.Mode().Perm())
 	}
 	b, err := io.ReadAll(io.LimitReader(f, limit+1))

@@ -76,7 +76,7 @@ func (h *HostKey) key() (*ecdsa.PrivateKey, error) {
 }
 
 func (h *HostKey) read() (*ecdsa.PrivateKey, error) {
-	b, err := readPrivate(h.Path, maxHostKeyFile)
+	b, err := readFile(h.Path, maxHostKeyFile, true)
 	if err != nil {
 		return nil, fmt.Errorf("read host key: %w", err)
 	}
