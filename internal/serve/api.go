@@ -17,10 +17,14 @@ import (
 //	POST   /v1/vms/{name}/start start its worker         200 Status
 //	POST   /v1/vms/{name}/stop  stop its worker          200 Status
 //	DELETE /v1/vms/{name}       delete a stopped VM      200 {}
+//	GET    /metrics             Prometheus metrics       200 text
+//
+// A create may add "vsock_cid", "vsock_ctrl_port" and "vsock_data_port".
 //
 // Errors are {"error": "..."} with 400 (bad name or body), 404 (unknown
-// VM), 409 (duplicate create, delete of a running VM, start of a stopping
-// one) or 500; a refused request changes nothing.
+// VM), 409 (duplicate create, a vsock port of another VM or process,
+// delete of a running VM, start of a stopping one) or 500; a refused
+// request changes nothing.
 
 // maxBody bounds a request body.
 const maxBody = 64 << 10
@@ -67,7 +71,7 @@ func DecodeCreateRequest(body io.Reader) (CreateRequest, error) {
 	dec := json.NewDecoder(body)
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&req); err != nil {
-		return req, fmt.Errorf("%w: the body is not a create request ({\"name\": ..., \"data\": true|false, \"startup_clear\": true|false}): %v", ErrBadRequest, err)
+		return req, fmt.Errorf("%w: the body is not a create request ({\"name\": ..., \"data\": true|false, \"startup_clear\": true|false, \"vsock_cid\", \"vsock_ctrl_port\", \"vsock_data_port\": 0 to 4294967295}): %v", ErrBadRequest, err)
 	}
 	if dec.More() {
 		return req, fmt.Errorf("%w: more than one JSON value in the body", ErrBadRequest)

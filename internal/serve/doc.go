@@ -54,6 +54,35 @@
 // response leaves before its state is stored. A worker can reach no other
 // VM's state or key.
 //
+// # vsock
+//
+// A VM created with vsock ports (--vsock-ctrl-port, --vsock-data-port)
+// has its control and data channels served on those ports of the host's
+// vsock too (beside its unix sockets), for a guest behind vhost-vsock
+// (QEMU's -device vhost-vsock-pci,guest-cid=N). The supervisor opens the
+// listening vsock sockets (VMADDR_CID_ANY; Linux only) when the VM starts
+// and hands them to every worker of the VM like the unix ones; the worker
+// serves them itself and lets in only the VM's guest CID (--vsock-cid),
+// since every guest of the host can reach a host port. A port serves one
+// VM: a create that names another VM's port, or a start on a port another
+// process holds, is refused with 409 and changes nothing. Firecracker and
+// Cloud Hypervisor use hybrid vsock instead (a guest's connection to host
+// port P arrives on the unix socket <uds_path>_P): they need no vsock
+// port, only a link from that path to the VM's data socket.
+//
+// # Metrics
+//
+// GET /metrics on the admin socket, and on --metrics-listen if set, gives
+// the Prometheus metrics: per VM, the TPM commands by command name with
+// their latency (vtpmd_tpm_command_duration_seconds), whether its worker
+// is up (vtpmd_worker_up) and its restarts (vtpmd_worker_restarts_total);
+// the state commits' latency (vtpmd_state_commit_duration_seconds) and the
+// store's WAL syncs (vtpmd_state_wal_syncs_total: commits per sync is the
+// group commit's batch size); and the supervisor's process and Go
+// metrics. The workers count their commands in memory (package metrics);
+// the supervisor asks each for its counts (workerproto.StatsRequest) when
+// scraped, so a TPM command costs no message.
+//
 // # Failures
 //
 // A worker that dies (a crash, SIGKILL) is restarted from the last stored

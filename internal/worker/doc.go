@@ -22,7 +22,10 @@
 // Only then does Save return, so no TPM response leaves before its state is
 // stored. Loading asks the supervisor for the VM's record the same way.
 // With StartupClear the worker powers the TPM on and starts it before it
-// serves.
+// serves. Inherited vsock sockets are served too, to the VM's guest CID
+// only. The worker counts its TPM commands by command code with their
+// latency, in memory, and sends the counts when the supervisor asks
+// (package metrics).
 //
 // The worker ends on SIGTERM (the supervisor stops the VM), after
 // CMD_SHUTDOWN (QEMU is done with the TPM; the supervisor starts a fresh

@@ -1,0 +1,71 @@
+package metrics
+
+import (
+	"testing"
+	"time"
+
+	"github.com/google/go-tpm/tpm2"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vtpmd/vtpmd/internal/workerproto"
+)
+
+func command(cc uint32) []byte {
+	return []byte{0x80, 0x01, 0, 0, 0, 0x0c, byte(cc >> 24), byte(cc >> 16), byte(cc >> 8), byte(cc), 0, 8}
+}
+
+// Commands are counted by code, made-up codes together as "other", with
+// their latency in the right bucket.
+func TestCommands(t *testing.T) {
+	var c Commands
+	assert.Empty(t, c.Stats().Commands)
+	c.Observe(CommandCode(command(uint32(tpm2.TPMCCGetRandom))), 30*time.Microsecond)
+	c.Observe(CommandCode(command(uint32(tpm2.TPMCCGetRandom))), 25*time.Microsecond)
+	c.Observe(CommandCode(command(uint32(tpm2.TPMCCNVWrite))), 3*time.Second)
+	c.Observe(CommandCode(command(0xdeadbeef)), time.Minute)
+	c.Observe(CommandCode([]byte{0x80}), time.Millisecond)
+
+	st := c.Stats()
+	require.Len(t, st.Commands, 3)
+	other, nvWrite, getRandom := st.Commands[0], st.Commands[1], st.Commands[2]
+	assert.Equal(t, "other", CommandName(other.Code))
+	assert.Equal(t, uint64(2), other.Count)
+	assert.Equal(t, "NVWrite", CommandName(nvWrite.Code))
+	assert.Equal(t, "GetRandom", CommandName(getRandom.Code))
+	assert.Equal(t, uint64(55*time.Microsecond), getRandom.Nanos)
+
+	b, err := Cumulative(getRandom)
+	require.NoError(t, err)
+	assert.Equal(t, uint64(1), b[25e-6], "25 µs is in the 25 µs bucket")
+	assert.Equal(t, uint64(2), b[50e-6])
+	assert.Equal(t, uint64(2), b[10])
+	b, err = Cumulative(other)
+	require.NoError(t, err)
+	assert.Equal(t, uint64(1), b[10], "a minute is beyond the last bucket")
+
+	// A snapshot is a copy.
+	c.Observe(getRandom.Code, time.Microsecond)
+	assert.Equal(t, uint64(2), getRandom.Count)
+	assert.Equal(t, uint64(1), getRandom.Buckets[0])
+}
+
+// A worker's counts that do not fit the buckets are refused.
+func TestCumulativeRefuses(t *testing.T) {
+	_, err := Cumulative(workerproto.CommandStats{Code: 1, Count: 1, Buckets: []uint64{1}})
+	assert.ErrorContains(t, err, "latency buckets")
+	bad := workerproto.CommandStats{Code: 1, Count: 1, Buckets: make([]uint64, len(Buckets))}
+	bad.Buckets[0], bad.Buckets[1] = 1, 1
+	_, err = Cumulative(bad)
+	assert.ErrorContains(t, err, "2 in the buckets, 1 counted")
+}
+
+// The cost a TPM command pays for being counted.
+func BenchmarkObserve(b *testing.B) {
+	var c Commands
+	cmd := command(uint32(tpm2.TPMCCNVWrite))
+	for b.Loop() {
+		start := time.Now()
+		c.Observe(CommandCode(cmd), time.Since(start))
+	}
+}
