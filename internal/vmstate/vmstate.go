@@ -147,6 +147,17 @@ type Lockable struct {
 	sealed Sealed      // its Store is nil while the lock is not held
 	store  LockedStore // the same store, nil while the lock is not held
 	open   Opener
+	// startKey, for a KeyAtStart source, obtains the key at first use.
+	startKey func(stored bool) (*sealing.Key, error)
+}
+
+// KeyAtStart is a KeySource asked for the key when the TPM starts (the
+// state's first Load or Save), not when the state is opened: the
+// guardian's. stored says whether the VM has a record already. A failure
+// fails that Load or Save, and the next one asks again.
+type KeyAtStart interface {
+	sealing.KeySource
+	StartKey(ctx context.Context, vmID string, stored bool) (*sealing.Key, error)
 }
 
 // LockedStore is a VM's own store, which holds the storage lock while open:
@@ -167,11 +178,16 @@ const lockRetryInterval = 10 * time.Millisecond
 // storage lock now if lock is set (else at first use, as for an incoming
 // migration).
 func OpenLockable(ctx context.Context, open Opener, keys sealing.KeySource, vmID string, witness *Witness, lock bool) (*Lockable, error) {
-	key, err := keys.StateKey(ctx, vmID)
-	if err != nil {
-		return nil, err
+	l := &Lockable{sealed: Sealed{VMID: vmID, SoleVM: true, Witness: witness}, open: open}
+	if late, ok := keys.(KeyAtStart); ok {
+		l.startKey = func(stored bool) (*sealing.Key, error) { return late.StartKey(ctx, vmID, stored) }
+	} else {
+		key, err := keys.StateKey(ctx, vmID)
+		if err != nil {
+			return nil, err
+		}
+		l.sealed.Key = key
 	}
-	l := &Lockable{sealed: Sealed{Key: key, VMID: vmID, SoleVM: true, Witness: witness}, open: open}
 	if lock {
 		if err := l.Lock(0); err != nil {
 			return nil, err
@@ -180,8 +196,28 @@ func OpenLockable(ctx context.Context, open Opener, keys sealing.KeySource, vmID
 	return l, nil
 }
 
-// Key is the VM's state key.
-func (l *Lockable) Key() *sealing.Key { return l.sealed.Key }
+// Key is the VM's state key, nil until a KeyAtStart source gave it.
+func (l *Lockable) Key() *sealing.Key {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.sealed.Key
+}
+
+// keyLocked obtains the key from a KeyAtStart source if it is yet to be.
+func (l *Lockable) keyLocked() error {
+	if l.sealed.Key != nil {
+		return nil
+	}
+	_, err := l.sealed.get()
+	key, err := l.startKey(!errors.Is(err, state.ErrNotFound))
+	if err != nil {
+		// Flattened: a key not obtained must never read as state that does
+		// not exist (fs.ErrNotExist), which would make a new TPM.
+		return errors.New(err.Error())
+	}
+	l.sealed.Key = key
+	return nil
+}
 
 // Lock takes the storage lock, trying again every 10 ms up to retries times
 // while another process holds it. Holding it already is success.
@@ -230,6 +266,9 @@ func (l *Lockable) Load() ([]byte, error) {
 	if err := l.lockLocked(0); err != nil {
 		return nil, err
 	}
+	if err := l.keyLocked(); err != nil {
+		return nil, err
+	}
 	return l.sealed.Load()
 }
 
@@ -238,6 +277,9 @@ func (l *Lockable) Save(image []byte) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if err := l.lockLocked(0); err != nil {
+		return err
+	}
+	if err := l.keyLocked(); err != nil {
 		return err
 	}
 	return l.sealed.Save(image)
