@@ -175,16 +175,21 @@ func runWorker(args []string) error {
 	if name == "" || *fds["supervisor"] < 0 || *fds["channel-fd"] < 0 || *fds["ctrl-fd"] < 0 {
 		return errors.New("worker: started by 'vtpmd serve' only")
 	}
-	if err := worker.Harden(*fds["supervisor"]); err != nil {
-		return fmt.Errorf("worker: %w", err)
-	}
 	lvl := slog.LevelInfo
 	if level != "" {
 		if err := lvl.UnmarshalText([]byte(level)); err != nil {
 			return fmt.Errorf("worker: log level %q", level)
 		}
 	}
+	// Every line of the worker, its failure too, names the VM.
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl})).With("vm", name, "worker", os.Getpid())
+	fail := func(err error) error {
+		log.Error("worker failed", "err", err)
+		return exitCode(1)
+	}
+	if err := worker.Harden(*fds["supervisor"]); err != nil {
+		return fail(err)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	defer stop()
 	c := worker.Config{
@@ -207,8 +212,7 @@ func runWorker(args []string) error {
 		c.VsockCID = uint32(cid)
 	}
 	if err := worker.Run(ctx, c); err != nil {
-		log.Error("worker failed", "err", err)
-		return err
+		return fail(err)
 	}
 	return nil
 }

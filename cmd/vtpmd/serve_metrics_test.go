@@ -152,6 +152,16 @@ func TestServeMetrics(t *testing.T) {
 	require.NoError(t, err)
 	resp.Body.Close()
 	assert.Equal(t, http.StatusNotFound, resp.StatusCode)
+
+	// Every line about a VM, the supervisor's and its workers', names it
+	// (vm=): all but the supervisor's own start and end.
+	s.ctlOK(t, "stop", "m")
+	for _, line := range strings.Split(strings.TrimSpace(s.stderr.String()), "\n") {
+		if strings.Contains(line, "admin=") {
+			continue
+		}
+		assert.Regexp(t, ` vm=(m|idle)( |$)`, line)
+	}
 }
 
 // vsockLoopback skips the test unless a vsock connection to this host's

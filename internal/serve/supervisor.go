@@ -187,7 +187,8 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		s.Close()
 		return err
 	}
-	servers := []*http.Server{{Handler: s.Handler(), ReadHeaderTimeout: 5 * time.Second}}
+	errorLog := slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)
+	servers := []*http.Server{{Handler: s.Handler(), ReadHeaderTimeout: 5 * time.Second, ErrorLog: errorLog}}
 	listeners := []net.Listener{l}
 	if s.cfg.MetricsListen != "" {
 		ml, err := net.Listen("tcp", s.cfg.MetricsListen)
@@ -198,7 +199,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		}
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", s.MetricsHandler())
-		servers = append(servers, &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second})
+		servers = append(servers, &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ErrorLog: errorLog})
 		listeners = append(listeners, ml)
 	}
 	s.startWanted()
