@@ -8,7 +8,8 @@ STATICCHECK ?= $(shell command -v staticcheck 2>/dev/null || ls "$$($(GO) env GO
 BUILD_PACKAGES = gcc libssl-dev
 TEST_PACKAGES = $(BUILD_PACKAGES) qemu-system-x86 seabios ovmf \
 	swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0 \
-	busybox-static cpio socat xz-utils
+	busybox-static cpio socat xz-utils \
+	libvirt-daemon-system libvirt-clients
 
 .PHONY: build run deps build-deps test lint bench fuzz install uninstall
 
