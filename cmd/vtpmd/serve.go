@@ -27,7 +27,8 @@ a unix socket; see 'vtpmd ctl'), one state store, and a worker process per
 running VM TPM. Options (each overrides the config file, which overrides
 the defaults):
 --config <file>     JSON config file: {"state_dir", "run_dir", "admin_socket",
-                    "host_key", "log_level", "worker_user", "metrics_listen"}
+                    "host_key", "log_level", "worker_user", "metrics_listen",
+                    "socket_group"}
 --state-dir <dir>   the state store (default /var/lib/vtpmd/serve for root,
                     $XDG_DATA_HOME/vtpmd/serve otherwise)
 --run-dir <dir>     the sockets (default /run/vtpmd, $XDG_RUNTIME_DIR/vtpmd)
@@ -39,6 +40,8 @@ the defaults):
 --metrics-listen <host:port>
                     serve Prometheus metrics (GET /metrics) there too; the
                     admin socket always serves them
+--socket-group <group> the VMs' sockets are 0660 of this group (and the run
+                    dir 0750), for a QEMU of another user (libvirt's)
 `
 
 const ctlUsage = `Usage: vtpmd ctl [--admin <socket>] [--json] <command> [args]
@@ -89,7 +92,7 @@ func runServe(args []string, stdout io.Writer) error {
 		{long: "log-file", takesValue: true, set: setString(&logFile)},
 		{long: "help", short: "h", set: setBool(&help)},
 	}
-	for _, name := range []string{"state-dir", "run-dir", "admin", "log-level", "worker-user", "metrics-listen"} {
+	for _, name := range []string{"state-dir", "run-dir", "admin", "log-level", "worker-user", "metrics-listen", "socket-group"} {
 		v := new(string)
 		flags[name] = v
 		specs = append(specs, flagSpec{long: name, takesValue: true, set: func(s string) error {
@@ -113,7 +116,7 @@ func runServe(args []string, stdout io.Writer) error {
 		}
 	}
 	for name, field := range map[string]*string{"state-dir": &cfg.StateDir, "run-dir": &cfg.RunDir, "admin": &cfg.Admin, "log-level": &cfg.LogLevel,
-		"worker-user": &cfg.WorkerUser, "metrics-listen": &cfg.MetricsListen} {
+		"worker-user": &cfg.WorkerUser, "metrics-listen": &cfg.MetricsListen, "socket-group": &cfg.SocketGroup} {
 		if v := *flags[name]; v != "" {
 			*field = v
 		}

@@ -37,6 +37,11 @@ type Config struct {
 	// GET /metrics, and nothing else, for a Prometheus scraper; the admin
 	// socket serves /metrics too.
 	MetricsListen string `json:"metrics_listen"`
+	// SocketGroup, if set (a group name or numeric gid), owns the VMs'
+	// sockets, of mode 0660, and the run dir, of mode 0750: for a QEMU
+	// that runs as another user of that group (libvirt's qemu user). The
+	// admin socket stays 0600.
+	SocketGroup string `json:"socket_group"`
 
 	// Executable is the vtpmd binary the workers run ("" is this one).
 	Executable string `json:"-"`
@@ -102,6 +107,24 @@ func (c *Config) workerCredential() (*syscall.Credential, error) {
 		return nil, fmt.Errorf("worker user %q: only a supervisor running as root can run workers as another user", c.WorkerUser)
 	}
 	return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: []uint32{}}, nil
+}
+
+// socketGID resolves SocketGroup; -1 leaves the sockets' group alone.
+func (c *Config) socketGID() (int, error) {
+	if c.SocketGroup == "" {
+		return -1, nil
+	}
+	g, err := user.LookupGroup(c.SocketGroup)
+	if err != nil {
+		if g, err = user.LookupGroupId(c.SocketGroup); err != nil {
+			return 0, fmt.Errorf("socket group %q: no such group", c.SocketGroup)
+		}
+	}
+	gid, err := strconv.Atoi(g.Gid)
+	if err != nil {
+		return 0, fmt.Errorf("socket group %q: gid %q", c.SocketGroup, g.Gid)
+	}
+	return gid, nil
 }
 
 // nameRE is what a VM name may be: it becomes a file name in RunDir.

@@ -28,7 +28,8 @@
 //
 // Starting a VM creates its control socket <run dir>/<name>.ctrl (and data
 // socket <name>.data, with a <name>.data.ctrl link to the control socket
-// for the swtpm TCTI), mode 0600, in the supervisor, and starts a worker:
+// for the swtpm TCTI), mode 0600 (0660 of socket_group, --socket-group, for
+// a QEMU of another user), in the supervisor, and starts a worker:
 // the same binary as `vtpmd worker`, given the LISTENING sockets as
 // inherited descriptors, so that every worker of the VM, also one started
 // after a crash, serves the same paths and a client can connect again. The

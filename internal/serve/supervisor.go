@@ -46,6 +46,9 @@ type Supervisor struct {
 	spawn   *spawner
 	exe     string
 	cred    *syscall.Credential
+	// sockMode and sockGID are the VMs' sockets' mode and group.
+	sockMode os.FileMode
+	sockGID  int
 
 	closeOnce sync.Once
 	closeErr  error
@@ -117,8 +120,23 @@ func Open(cfg Config) (*Supervisor, error) {
 	if rel, err := filepath.Rel(cfg.StateDir, cfg.HostKey); err == nil && rel != ".." && !startsWithDotDot(rel) {
 		return nil, fmt.Errorf("serve: the host key %s lies inside the state dir %s: keep it elsewhere", cfg.HostKey, cfg.StateDir)
 	}
+	gid, err := cfg.socketGID()
+	if err != nil {
+		return nil, fmt.Errorf("serve: %w", err)
+	}
 	if err := os.MkdirAll(cfg.RunDir, 0o700); err != nil {
 		return nil, fmt.Errorf("serve: %w", err)
+	}
+	sockMode := os.FileMode(0o600)
+	if gid >= 0 {
+		// The group may reach the VMs' sockets, and nothing else of it.
+		sockMode = 0o660
+		if err := os.Chown(cfg.RunDir, -1, gid); err != nil {
+			return nil, fmt.Errorf("serve: the run dir's group: %w", err)
+		}
+		if err := os.Chmod(cfg.RunDir, 0o750); err != nil {
+			return nil, fmt.Errorf("serve: %w", err)
+		}
 	}
 	spawn, err := newSpawner()
 	if err != nil {
@@ -137,8 +155,11 @@ func Open(cfg Config) (*Supervisor, error) {
 		spawn:   spawn,
 		exe:     exe,
 		cred:    cred,
-		runs:    map[string]*vmRun{},
-		names:   map[string]*nameLock{},
+
+		sockMode: sockMode,
+		sockGID:  gid,
+		runs:     map[string]*vmRun{},
+		names:    map[string]*nameLock{},
 	}
 	s.registry = s.newRegistry()
 	return s, nil
@@ -548,12 +569,12 @@ func (s *Supervisor) startRun(vm *state.VM) error {
 			return fmt.Errorf("VM %q: %w", vm.Name, err)
 		}
 	}
-	if r.ctrl, err = unixsock.Listen(vm.Ctrl, 0o600, -1, -1); err != nil {
+	if r.ctrl, err = unixsock.Listen(vm.Ctrl, s.sockMode, -1, s.sockGID); err != nil {
 		r.closeVsock()
 		return err
 	}
 	if vm.Data != "" {
-		if r.data, err = unixsock.Listen(vm.Data, 0o600, -1, -1); err != nil {
+		if r.data, err = unixsock.Listen(vm.Data, s.sockMode, -1, s.sockGID); err != nil {
 			r.ctrl.Close()
 			r.closeVsock()
 			return err

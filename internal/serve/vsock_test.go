@@ -2,9 +2,13 @@ package serve
 
 import (
 	"encoding/json"
+	"log/slog"
 	"net/http"
 	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -95,4 +99,35 @@ func TestMetricsEndpoint(t *testing.T) {
 		assert.Contains(t, body, want)
 	}
 	assert.False(t, strings.Contains(body, "vtpmd_worker_up{"), "no VM runs")
+}
+
+// With socket_group, the VMs' sockets are 0660 of that group and the run
+// dir 0750, for a QEMU of another user; the admin socket stays 0600.
+func TestSocketGroup(t *testing.T) {
+	dir := t.TempDir()
+	gid := os.Getgid()
+	s, err := Open(Config{StateDir: filepath.Join(dir, "state"), RunDir: filepath.Join(dir, "run"),
+		HostKey: filepath.Join(dir, "keys", "host.key"), Executable: filepath.Join(dir, "no-such-vtpmd"),
+		SocketGroup: strconv.Itoa(gid), Log: slog.New(slog.DiscardHandler)})
+	require.NoError(t, err)
+	defer s.Close()
+	fi, err := os.Stat(s.cfg.RunDir)
+	require.NoError(t, err)
+	assert.Equal(t, os.FileMode(0o750), fi.Mode().Perm())
+	_, err = s.Create(CreateRequest{Name: "g", Data: true})
+	require.NoError(t, err)
+	_, err = s.Start("g") // the worker cannot start; the sockets are there
+	require.ErrorContains(t, err, "did not start")
+	for _, p := range []string{"g.ctrl", "g.data"} {
+		fi, err := os.Stat(filepath.Join(s.cfg.RunDir, p))
+		require.NoError(t, err)
+		assert.Equal(t, os.FileMode(0o660), fi.Mode().Perm(), p)
+		assert.Equal(t, uint32(gid), fi.Sys().(*syscall.Stat_t).Gid, p)
+	}
+	_, err = s.Stop("g")
+	require.NoError(t, err)
+
+	_, err = Open(Config{StateDir: filepath.Join(dir, "state2"), RunDir: filepath.Join(dir, "run2"),
+		HostKey: filepath.Join(dir, "keys", "host.key"), SocketGroup: "no-such-group-of-vtpmd"})
+	assert.ErrorContains(t, err, `socket group "no-such-group-of-vtpmd": no such group`)
 }
