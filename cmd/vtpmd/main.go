@@ -59,6 +59,8 @@ func run(args []string, stdout io.Writer) error {
 		return runCtl(args[2:], stdout)
 	case "worker":
 		return runWorker(args[2:])
+	case "host":
+		return runHost(args[2:], stdout)
 	case "-v", "--version", "version":
 		_, err := fmt.Fprintf(stdout, "TPM emulator version %s, vtpmd (TPM 2.0 engine: %s)\n", version, vtpm.EngineVersion)
 		return err
@@ -86,6 +88,8 @@ Commands:
   serve      serve the TPMs of many VMs, a worker process each, managed
              through an admin API (see 'vtpmd serve --help')
   ctl        the admin client of 'vtpmd serve' (see 'vtpmd ctl --help')
+  host identity [--config F]
+             print this host's identity for the guardian's registration
   --version  print the version
 
 Installed as 'swtpm', 'swtpm_setup' or 'swtpm_ioctl', vtpmd takes their
@@ -114,5 +118,8 @@ Serves one TPM 2.0 with swtpm's protocol. Options (as swtpm's):
 --log file=<path>|fd=<fd>[,level=n][,prefix=<prefix>][,truncate]
 --pid file=<path>|fd=<fd>
 -d|--daemon      : run in the background once serving
+--guardian-config <file>
+                 : obtain the state key from the guardian this file configures (else
+                   $VTPMD_GUARDIAN_CONFIG, else /etc/vtpmd/guardian.json if it exists)
 --print-capabilities, --print-states, -h|--help
 `

@@ -294,7 +294,7 @@ func setup(c *setupConfig, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	keys, err := stateKeys(c.stateDir, key)
+	keys, err := stateKeys(c.stateDir, c.stateFile, key, "", log)
 	if err != nil {
 		return err
 	}
@@ -310,6 +310,9 @@ func setup(c *setupConfig, log *slog.Logger) error {
 	defer vmState.Unlock()
 
 	_, loadErr := vmState.Load()
+	if loadErr != nil && vmState.Key() == nil {
+		return fmt.Errorf("setup: %w", loadErr) // no key from the guardian: whether state exists is unknown
+	}
 	exists := !errors.Is(loadErr, fs.ErrNotExist)
 	switch {
 	case c.reconfigure && !exists:

@@ -59,7 +59,7 @@ func serveSocket(c *socketConfig, log *slog.Logger) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	defer stop()
 
-	keys, blobKeys, err := c.readKeys()
+	keys, blobKeys, err := c.readKeys(log)
 	if err != nil {
 		return err
 	}
@@ -68,7 +68,11 @@ func serveSocket(c *socketConfig, log *slog.Logger) error {
 		return err
 	}
 	defer vmState.Unlock()
-	log.Info("state is encrypted", "protection", keys.Protection(), "key", vmState.Key())
+	if key := vmState.Key(); key != nil {
+		log.Info("state is encrypted", "protection", keys.Protection(), "key", key)
+	} else {
+		log.Info("state is encrypted; its key is obtained when the TPM starts", "protection", keys.Protection())
+	}
 	dev, err := vtpm.Open(vtpm.Config{
 		Store:               vmState,
 		Logger:              log,
@@ -403,7 +407,7 @@ func listStates(path string, file bool) ([]state.Entry, error) {
 // the host-local key ($VTPMD_HOST_KEY, or host.key in vtpmd's state root,
 // which must lie outside the state dir). Their raw keys also encrypt state
 // blobs as swtpm's do.
-func (c *socketConfig) readKeys() (sealing.KeySource, transport.BlobKeys, error) {
+func (c *socketConfig) readKeys(log *slog.Logger) (sealing.KeySource, transport.BlobKeys, error) {
 	var blobKeys transport.BlobKeys
 	if c.migrationKey != "" {
 		key, err := sealing.ParseSwtpmKey("--migration-key", c.migrationKey)
@@ -418,9 +422,9 @@ func (c *socketConfig) readKeys() (sealing.KeySource, transport.BlobKeys, error)
 			return nil, blobKeys, err
 		}
 		blobKeys.State = key.Raw
-		keys, err := stateKeys(c.stateDir, key)
+		keys, err := stateKeys(c.stateDir, c.stateFile, key, c.guardianConfig, log)
 		return keys, blobKeys, err
 	}
-	keys, err := stateKeys(c.stateDir, nil)
+	keys, err := stateKeys(c.stateDir, c.stateFile, nil, c.guardianConfig, log)
 	return keys, blobKeys, err
 }

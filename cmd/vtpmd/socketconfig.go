@@ -33,6 +33,9 @@ type socketConfig struct {
 	stateFile    bool
 	key          string // --key's value, read when serving
 	migrationKey string // --migration-key's value, read when serving
+	// guardianConfig is --guardian-config: the guardian config file (else
+	// $VTPMD_GUARDIAN_CONFIG or /etc/vtpmd/guardian.json if it exists).
+	guardianConfig string
 
 	// --migration: incoming defers the storage lock until the state is
 	// set or first used; releaseLockOutgoing drops it once the outgoing
@@ -84,6 +87,7 @@ func parseSocketConfig(args []string) (*socketConfig, error) {
 		{long: "print-capabilities", set: setBool(&c.printCapabilities)},
 		{long: "print-states", set: setBool(&c.printStates)},
 		{long: "help", short: "h", set: setBool(&c.help)},
+		{long: "guardian-config", takesValue: true, set: setString(&c.guardianConfig)},
 		// Options swtpm has that vtpmd refuses with a clear reason.
 		{long: "key", takesValue: true, set: setString(&c.key)},
 		{long: "migration-key", takesValue: true, set: setString(&c.migrationKey)},

@@ -2,13 +2,17 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 
 	"github.com/vtpmd/vtpmd/internal/vmstate"
 	"github.com/vtpmd/vtpmd/sealing"
+	"github.com/vtpmd/vtpmd/sealing/guardian/host"
 	"github.com/vtpmd/vtpmd/state"
 )
 
@@ -35,10 +39,23 @@ func hostKeyPath() (string, error) {
 	return filepath.Abs(path)
 }
 
-// stateKeys is the key source that seals the state in stateDir: the key
-// given the swtpm way (--key, or swtpm_setup's --pwdfile/--keyfile), or
-// else the host-local key, which must lie outside the state dir.
-func stateKeys(stateDir string, key *sealing.SwtpmKey) (sealing.KeySource, error) {
+// stateKeys is the key source that seals the state at stateDir (a state
+// dir, or a state file if file): the guardian's when a guardian config is
+// found (see guardianConfig), the key given the swtpm way (--key, or
+// swtpm_setup's --pwdfile/--keyfile), or else the host-local key, which
+// must lie outside the state dir. A guardian and a key given the swtpm way
+// are refused together: state has one key source.
+func stateKeys(stateDir string, file bool, key *sealing.SwtpmKey, guardianFlag string, log *slog.Logger) (sealing.KeySource, error) {
+	configPath, err := guardianConfig(guardianFlag)
+	if err != nil {
+		return nil, err
+	}
+	if configPath != "" {
+		if key != nil {
+			return nil, fmt.Errorf("a guardian is configured (%s) and a state key is given (--key, --keyfile or --pwdfile): give one key source, not both", configPath)
+		}
+		return guardianKeys(configPath, stateDir, file, log)
+	}
 	if key != nil {
 		return key, nil
 	}
@@ -50,6 +67,62 @@ func stateKeys(stateDir string, key *sealing.SwtpmKey) (sealing.KeySource, error
 		return nil, fmt.Errorf("the host key %s lies inside the state dir %s: keep it elsewhere (VTPMD_HOST_KEY)", path, stateDir)
 	}
 	return &sealing.HostKey{Path: path}, nil
+}
+
+// defaultGuardianConfig is read when it exists and nothing else is named.
+const defaultGuardianConfig = "/etc/vtpmd/guardian.json"
+
+// guardianConfig is the guardian config to use: the one the flag names,
+// else $VTPMD_GUARDIAN_CONFIG, else /etc/vtpmd/guardian.json if it exists,
+// else none (""). libvirt's command line needs no change.
+func guardianConfig(flag string) (string, error) {
+	if flag != "" {
+		return flag, nil
+	}
+	if env := os.Getenv("VTPMD_GUARDIAN_CONFIG"); env != "" {
+		return env, nil
+	}
+	_, err := os.Stat(defaultGuardianConfig)
+	switch {
+	case err == nil:
+		return defaultGuardianConfig, nil
+	case errors.Is(err, fs.ErrNotExist):
+		return "", nil
+	default:
+		return "", fmt.Errorf("guardian config: %w", err)
+	}
+}
+
+// guardianHostKeyPath is the default host key of host-key mode, beside the
+// host-local key.
+func guardianHostKeyPath() (string, error) {
+	hostKey, err := hostKeyPath()
+	if err != nil {
+		return "", err
+	}
+	return filepath.Join(filepath.Dir(hostKey), "guardian-host.key"), nil
+}
+
+// guardianKeys obtains the state's key from the guardian. The key protector
+// lives beside the state, so that it moves with it: key-protector.json in a
+// state dir, <file>.protector.json beside a state file.
+func guardianKeys(configPath, stateDir string, file bool, log *slog.Logger) (*host.KeySource, error) {
+	config, err := host.LoadConfig(configPath)
+	if err != nil {
+		return nil, err
+	}
+	protector := filepath.Join(stateDir, "key-protector.json")
+	if file {
+		if fi, err := os.Stat(stateDir); err == nil && fi.Mode()&os.ModeDevice != 0 {
+			return nil, fmt.Errorf("state on the block device %s cannot be protected by the guardian: its key protector needs a file beside the state (use a state dir or a regular state file)", stateDir)
+		}
+		protector = stateDir + ".protector.json"
+	}
+	hostKey, err := guardianHostKeyPath()
+	if err != nil {
+		return nil, err
+	}
+	return host.NewKeySource(config, hostKey, func(string) string { return protector }, log)
 }
 
 // parseBackendURI reads a state backend URI as swtpm and swtpm_setup do:
