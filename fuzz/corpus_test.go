@@ -40,6 +40,7 @@ func handSeeds() map[string][]seed {
 		"FuzzServer":          serverEdgeSeeds(),
 		"FuzzSealedEnvelope":  sealingEdgeSeeds(),
 		"FuzzParseRecord":     recordEdgeSeeds(),
+		"FuzzReadFileRecord":  stateFileEdgeSeeds(),
 	}
 }
 
