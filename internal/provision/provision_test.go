@@ -10,6 +10,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/asn1"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -403,5 +404,33 @@ func BenchmarkRunLibvirt(b *testing.B) {
 		})
 		require.NoError(b, err)
 		require.NoError(b, d.Close())
+	}
+}
+
+// TestStoragePrimaryKeys makes swtpm_setup's storage primary keys
+// (--create-spk, with --ecc): RSA 2048, or ECC NIST P-384 with SHA-384
+// names.
+func TestStoragePrimaryKeys(t *testing.T) {
+	for _, ecc := range []bool{false, true} {
+		// One engine per process: a subtest, so that it closes.
+		t.Run(fmt.Sprintf("ecc=%v", ecc), func(t *testing.T) { checkSPK(t, ecc) })
+	}
+}
+
+func checkSPK(t *testing.T, ecc bool) {
+	d, _ := provisioned(t, &vtpm.MemoryStore{}, Options{SPK: true, SPKECC: ecc})
+	p := tpm(t, d)
+	rp, err := tpm2.ReadPublic{ObjectHandle: SPKHandle}.Execute(p)
+	require.NoError(t, err)
+	pub, err := publicKey(&rp.OutPublic)
+	require.NoError(t, err)
+	contents, err := rp.OutPublic.Contents()
+	require.NoError(t, err)
+	assert.True(t, contents.ObjectAttributes.Restricted && contents.ObjectAttributes.Decrypt && contents.ObjectAttributes.NoDA)
+	if ecc {
+		assert.Equal(t, elliptic.P384(), pub.(*ecdsa.PublicKey).Curve)
+		assert.Equal(t, tpm2.TPMAlgSHA384, contents.NameAlg)
+	} else {
+		assert.Equal(t, 2048, pub.(*rsa.PublicKey).N.BitLen())
 	}
 }
