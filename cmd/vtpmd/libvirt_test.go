@@ -52,6 +52,11 @@ func startLibvirtSession(t *testing.T) *libvirtSession {
 	if uid == 0 {
 		uid, gid = 65534, 65534 // nobody, nogroup
 		s.cred = &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), NoSetGroups: true}
+		for p := filepath.Dir(dir); p != "/"; p = filepath.Dir(p) {
+			fi, err := os.Stat(p)
+			require.NoError(t, err)
+			require.NotZero(t, fi.Mode()&0o001, "%s is not searchable by others, so nobody's libvirtd cannot reach %s: set TMPDIR", p, dir)
+		}
 	}
 	bin := filepath.Join(dir, "bin")
 	for _, sub := range []string{"bin", "home", "run", "config", "cache"} {
