@@ -29,7 +29,8 @@ type KeySource struct {
 	ProtectorPath func(vmID string) string
 	// StartDeadline bounds one VM's key (DefaultStartDeadline when zero).
 	StartDeadline time.Duration
-	// Log, if set, receives one line per attestation and release.
+	// Log, if set, receives one line per attestation, release and new
+	// protector; it names the VM (one KeySource serves one VM's process).
 	Log *slog.Logger
 
 	mu   sync.Mutex
@@ -119,7 +120,7 @@ func (s *KeySource) startKey(ctx context.Context, vmID string, stored bool) (*se
 		return nil, err
 	}
 	defer clear(secret)
-	s.logInfo("guardian released the state key", "vm", vmID, "role", resp.Role)
+	s.logInfo("guardian released the state key", "role", resp.Role)
 	return sealing.NewKey(keyID(protector), secret)
 }
 
@@ -151,7 +152,7 @@ func (s *KeySource) newProtector(ctx context.Context, vmID, path string) (*guard
 		}
 		return nil, fmt.Errorf("store the key protector: %w", err)
 	}
-	s.logInfo("new key protector", "vm", vmID, "path", path, "guardian", keys.Name)
+	s.logInfo("new key protector", "path", path, "guardian", keys.Name)
 	return p, nil
 }
 
