@@ -7,7 +7,10 @@
 // engine in process. Results go to the terminal and, as markdown, SVG and
 // JSON, to the results directory.
 //
-// With -serve it also measures `vtpmd serve`, one supervisor for every VM.
+// With -serve it also measures `vtpmd serve`, one supervisor for every VM:
+// its memory per idle VM (the workers' PSS, and the supervisor's share
+// apart) and the time from `vtpmd ctl start` to the first answer, beside
+// swtpm's.
 // It also measures the provisioning of a new VM's TPM with libvirt's
 // swtpm_setup options, `vtpmd setup` against swtpm_setup (-setup-runs).
 //

@@ -277,8 +277,9 @@ func (r *run) level(ctx context.Context, n int) error {
 			return err
 		}
 		if k.Serve != nil {
-			// The VMs share the supervisor and its store: no memory per
-			// instance to compare.
+			if err := r.serveMemory(k, n); err != nil {
+				return err
+			}
 			continue
 		}
 		if err := r.memory(k.Name, n); err != nil {
@@ -328,6 +329,29 @@ func (r *run) memory(daemon string, n int) error {
 	slices.Sort(rss)
 	slices.Sort(pss)
 	r.rep.Memory = append(r.rep.Memory, report.Memory{Daemon: daemon, VMs: n, RSSKiB: rss[n/2], PSSKiB: pss[n/2]})
+	return nil
+}
+
+// serveMemory measures the n idle VMs of a vtpmd serve: the median
+// worker's RSS, the workers' PSS summed and divided by the VMs, and the
+// supervisor's PSS divided by the VMs.
+func (r *run) serveMemory(k fleet.Kind, n int) error {
+	sup, workers, err := k.Serve.Memory()
+	if err != nil {
+		return err
+	}
+	if len(workers) != n {
+		return fmt.Errorf("%s: %d workers for %d VMs", k.Name, len(workers), n)
+	}
+	var rss []int64
+	var pss int64
+	for _, m := range workers {
+		rss = append(rss, m.RSS)
+		pss += m.PSS
+	}
+	slices.Sort(rss)
+	r.rep.Memory = append(r.rep.Memory, report.Memory{Daemon: k.Name, VMs: n, RSSKiB: rss[n/2], PSSKiB: pss / int64(n),
+		SupervisorPSSKiB: sup.PSS / int64(n)})
 	return nil
 }
 

@@ -2,6 +2,7 @@ package fleet
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -130,6 +131,25 @@ func (s *Server) pids() []int {
 		return nil
 	}
 	return append([]int{in.Pid()}, children(in.Pid())...)
+}
+
+// Memory returns the supervisor's memory and each worker's.
+func (s *Server) Memory() (sup Memory, workers []Memory, err error) {
+	pids := s.pids()
+	if len(pids) == 0 {
+		return Memory{}, nil, errors.New("vtpmd serve is not running")
+	}
+	if sup, err = MemoryOf(pids[0]); err != nil {
+		return Memory{}, nil, err
+	}
+	for _, pid := range pids[1:] {
+		m, err := MemoryOf(pid)
+		if err != nil {
+			return Memory{}, nil, err
+		}
+		workers = append(workers, m)
+	}
+	return sup, workers, nil
 }
 
 // Stop stops the supervisor, if it runs, as Instance.Stop does.

@@ -115,6 +115,11 @@ type Memory struct {
 	VMs    int
 	RSSKiB int64
 	PSSKiB int64
+	// SupervisorPSSKiB is, for a daemon that serves its VMs from workers
+	// of one supervisor (vtpmd serve), the supervisor's PSS divided by the
+	// VMs; RSSKiB is then a worker's (median) and PSSKiB the workers' sum
+	// divided by the VMs.
+	SupervisorPSSKiB int64 `json:",omitempty"`
 }
 
 // Startup is the time from process start to the first answered command.

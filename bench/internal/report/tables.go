@@ -391,6 +391,7 @@ func (r *Report) tables() []table {
 		ts = append(ts, r.echoTable())
 	}
 	ts = append(ts, r.memoryTable(), r.startupTable())
+	ts = append(ts, r.serveTables()...)
 	if r.Provisioning != nil && len(r.Provisioning.Tools) > 0 {
 		ts = append(ts, r.provisioningTable())
 	}
