@@ -110,6 +110,13 @@ func runServe(args []string, stdout io.Writer) error {
 		fmt.Fprint(stdout, serveUsage)
 		return nil
 	}
+	// Keys from the guardian would have to be obtained in each VM's worker,
+	// which serve does not do yet; it must not fall back to the host key.
+	if path, err := guardianConfig(""); err != nil {
+		return fmt.Errorf("serve: %w", err)
+	} else if path != "" {
+		return fmt.Errorf("serve: a guardian is configured (%s), and vtpmd serve does not obtain state keys from the guardian yet: serve guardian-protected VMs with vtpmd socket (as libvirt's swtpm)", path)
+	}
 	if configFile != "" {
 		if err := cfg.LoadConfig(configFile); err != nil {
 			return err
