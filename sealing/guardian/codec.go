@@ -33,6 +33,10 @@ func unmarshalStrict(b []byte, v any) error {
 	return nil
 }
 
+// StrictJSON is unmarshalStrict for the files hosts read (their guardian
+// config), so that they are as strict as the messages.
+func StrictJSON(b []byte, v any) error { return unmarshalStrict(b, v) }
+
 // validator is a message that checks its own fields.
 type validator interface{ validate() error }
 

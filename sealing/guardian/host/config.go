@@ -3,6 +3,7 @@ package host
 import (
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"net/url"
@@ -59,7 +60,7 @@ type Duration time.Duration
 // UnmarshalJSON reads "5s", "1m30s"...
 func (d *Duration) UnmarshalJSON(b []byte) error {
 	var s string
-	if err := unmarshalJSON(b, &s); err != nil {
+	if err := json.Unmarshal(b, &s); err != nil {
 		return fmt.Errorf("duration: give a string such as \"5s\"")
 	}
 	v, err := time.ParseDuration(s)
@@ -83,7 +84,7 @@ func ParseConfig(b []byte, dir string) (*Config, error) {
 		return nil, fmt.Errorf("guardian config: %d bytes exceeds %d", len(b), maxConfigSize)
 	}
 	var c Config
-	if err := unmarshalJSONStrict(b, &c); err != nil {
+	if err := guardian.StrictJSON(b, &c); err != nil {
 		return nil, fmt.Errorf("guardian config: %w", err)
 	}
 	if err := c.complete(dir); err != nil {
