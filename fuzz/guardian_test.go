@@ -3,6 +3,8 @@ package fuzz
 import (
 	"bytes"
 	"encoding/json"
+	"os"
+	"path/filepath"
 	"reflect"
 	"testing"
 	"time"
@@ -63,6 +65,9 @@ func FuzzGuardianRequest(f *testing.F) {
 			TPM: &guardian.TPMEvidence{Quote: []byte("quote"), Signature: []byte("sig"), EventLog: []byte("log"), PCRs: map[int][]byte{0: make([]byte, 32), 7: make([]byte, 32)}}},
 		guardian.ReleaseRequest{VMID: fuzzVM, Protector: p, Certificate: fx.cert},
 		guardian.HostIdentity{Mode: guardian.ModeHostKey, HostKey: fx.signer.Public()},
+		guardian.AddHostRequest{Name: "h1", Group: "g", Identity: guardian.HostIdentity{Mode: guardian.ModeHostKey, HostKey: fx.signer.Public()}},
+		guardian.BaselineRequest{Group: "g", Values: map[int][]byte{0: make([]byte, 32)}},
+		guardian.GrantRequest{Protector: p, Fabric: guardian.Recipient{Name: "fabric-b", Public: fx.key.Public()}},
 	} {
 		b, err := json.Marshal(req)
 		if err != nil {
@@ -75,6 +80,12 @@ func FuzzGuardianRequest(f *testing.F) {
 		func(b []byte) (any, error) { return guardian.DecodeAttestRequest(bytes.NewReader(b)) },
 		func(b []byte) (any, error) { return guardian.DecodeReleaseRequest(bytes.NewReader(b)) },
 		func(b []byte) (any, error) { return guardian.DecodeHostIdentity(bytes.NewReader(b)) },
+		func(b []byte) (any, error) { return guardian.DecodeAddHostRequest(bytes.NewReader(b)) },
+		func(b []byte) (any, error) { return guardian.DecodeBaselineRequest(bytes.NewReader(b)) },
+		func(b []byte) (any, error) { return guardian.DecodeGrantRequest(bytes.NewReader(b)) },
+	}
+	for _, s := range recordedGuardianRequests(f) {
+		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
 		if len(b) == 0 {
@@ -97,6 +108,33 @@ func FuzzGuardianRequest(f *testing.F) {
 			t.Fatalf("accepted %q but its encoding %q decodes to %+v, %v", b[1:], again, back, err)
 		}
 	})
+}
+
+// guardianSeedDecoders maps the requests recorded in testdata/guardian by
+// the guardian server's tests (VTPMD_CAPTURE=1 go test
+// ./sealing/guardian/server), named by their path, to the index of their
+// decoder in FuzzGuardianRequest.
+var guardianSeedDecoders = map[string]byte{
+	"v1_attest_nonce.json":    0,
+	"v1_attest.json":          1,
+	"v1_release.json":         2,
+	"v1_admin_hosts.json":     4,
+	"v1_admin_baselines.json": 5,
+	"v1_admin_grants.json":    6,
+}
+
+// recordedGuardianRequests are the recorded requests, each behind its
+// decoder's index.
+func recordedGuardianRequests(tb testing.TB) [][]byte {
+	var out [][]byte
+	for name, decoder := range guardianSeedDecoders {
+		b, err := os.ReadFile(filepath.Join("testdata", "guardian", name))
+		if err != nil {
+			tb.Fatalf("recorded guardian request: %v", err)
+		}
+		out = append(out, append([]byte{decoder}, b...))
+	}
+	return out
 }
 
 // FuzzProtector: ParseProtector refuses with CodeBadProtector or returns a
@@ -144,6 +182,28 @@ func FuzzHealthCertificate(f *testing.F) {
 		}
 		if s != fx.cert || c.Host != "h1" {
 			t.Fatalf("accepted a certificate the guardian did not issue: %q", s)
+		}
+	})
+}
+
+// FuzzGuardianKeys: the private key parsers the guardian opens its key
+// bundle with refuse or return a key whose encoding is the input's.
+func FuzzGuardianKeys(f *testing.F) {
+	fx := newGuardianFixture(f)
+	signing, err := fx.signer.Bytes()
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(fx.key.Bytes())
+	f.Add(signing)
+	f.Fuzz(func(t *testing.T, b []byte) {
+		if k, err := guardian.ParseEncryptionKey(b); err == nil && !bytes.Equal(k.Bytes(), b) {
+			t.Fatalf("encryption key %x encodes as %x", b, k.Bytes())
+		}
+		if k, err := guardian.ParseSigningKey(b); err == nil {
+			if _, err := k.Bytes(); err != nil {
+				t.Fatalf("parsed signing key does not encode: %v", err)
+			}
 		}
 	})
 }

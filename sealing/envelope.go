@@ -17,6 +17,8 @@ type Kind uint8
 const (
 	// KindTPMState is a TPM's state image.
 	KindTPMState Kind = 1
+	// KindGuardianKeys is a guardian's key bundle, sealed under its KEK.
+	KindGuardianKeys Kind = 2
 )
 
 // Errors of Open.

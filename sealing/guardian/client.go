@@ -28,6 +28,8 @@ type Client struct {
 	// MinBackoff and MaxBackoff bound the pause between rounds (defaults
 	// 100 ms and 2 s).
 	MinBackoff, MaxBackoff time.Duration
+	// Token, if set, is sent as a bearer token: the admin tools' token.
+	Token string
 
 	mu        sync.Mutex
 	preferred int
@@ -157,6 +159,9 @@ func (c *Client) attempt(ctx context.Context, base, method, path string, body []
 	}
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
+	}
+	if c.Token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.Token)
 	}
 	httpClient := c.HTTP
 	if httpClient == nil {
