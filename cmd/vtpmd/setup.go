@@ -160,7 +160,7 @@ func parseSetupConfig(args []string) (*setupConfig, error) {
 		}
 	}
 	if c.spkECC && !c.createSPK {
-		return nil, errors.New("setup: --ecc selects the storage primary key's type and needs --create-spk (the EKs are always RSA and ECC)")
+		return nil, errors.New("setup: --ecc selects the storage primary key's type and needs --create-spk (the EKs are always RSA, ECC P-256 and ECC P-384)")
 	}
 	if tpmstate == "" {
 		return nil, errors.New("setup: --tpm-state <dir> is required")
@@ -536,8 +536,11 @@ Provisions a new TPM 2.0 in process, with swtpm_setup's options:
 --tpm-state|--tpmstate <dir>|dir://<dir>|file://<file>
                          : the TPM's state directory, or state file (a regular
                            file or a block device)
---createek               : create the RSA 2048 and ECC P-384 EKs (0x81010001, 0x81010016)
---create-ek-cert         : also their certificates (NV 0x01c00002, 0x01c00016)
+--createek               : create the EKs: RSA 2048 and ECC P-256 (TCG default
+                           templates, 0x81010001, 0x81010002) and ECC P-384
+                           (swtpm_setup's, 0x81010016)
+--create-ek-cert         : also their certificates (NV 0x01c00002, 0x01c0000a,
+                           0x01c00016)
 --create-platform-cert   : also the platform certificate (NV 0x01c08000)
 --create-spk [--ecc]     : create the storage primary key (0x81000001), RSA or ECC
 --decryption             : EKs for key encipherment (the default)
@@ -552,7 +555,8 @@ Provisions a new TPM 2.0 in process, with swtpm_setup's options:
                          : the state key, as swtpm's --key pwdfile=|pwdfd=|file=|fd=,mode=
 --rsa-keysize 2048|max   : the RSA EK size (2048 only)
 --write-ek-cert-files <dir>
-                         : also write the EK certificates there (ek-rsa2048.crt, ek-secp384r1.crt)
+                         : also write the EK certificates there (ek-rsa2048.crt,
+                           ek-secp256r1.crt, ek-secp384r1.crt)
 --logfile <file>         : log there instead of to stderr
 --config <file>          : swtpm_setup.conf to read (default: $XDG_CONFIG_HOME, ~/.config, /etc)
 --ca-dir <dir>           : the local CA to use or create (default: the CA that

@@ -3,7 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
-	"crypto/ecdsa"
+	"crypto"
 	"crypto/rsa"
 	"crypto/x509"
 	"encoding/asn1"
@@ -115,6 +115,17 @@ func verifyTCGCert(t *testing.T, der []byte, ca localCA, eku asn1.ObjectIdentifi
 	return cert
 }
 
+// requireCreateEK requires the EK that tpm2_createek -G alg derives from
+// the TCG template to be the key cert certifies.
+func requireCreateEK(t *testing.T, tt *toolsTPM, alg string, cert *x509.Certificate) {
+	t.Helper()
+	tt.run(t, "tpm2_createek", "-c", "ek.ctx", "-G", alg, "-u", "ek.pem", "-f", "pem")
+	tt.flush(t)
+	derived, ok := pemPublicKey(t, tt.read(t, "ek.pem")).(interface{ Equal(crypto.PublicKey) bool })
+	require.True(t, ok)
+	require.True(t, derived.Equal(cert.PublicKey), "the EK certificate certifies another key than tpm2_createek -G %s derives", alg)
+}
+
 // pcrBanksOutput is what `tpm2_getcap pcrs` prints when the given banks
 // of the engine's four are active.
 func pcrBanksOutput(active ...string) string {
@@ -162,48 +173,50 @@ func TestSetupLibvirt(t *testing.T) {
 
 	tt := startToolsTPM(t, dir, "")
 	tt.run(t, "tpm2_getrandom", "8")
-	// swtpm_setup's EKs: RSA 2048 and ECC P-384 (high range).
-	require.Equal(t, "- 0x81010001\n- 0x81010016\n", tt.run(t, "tpm2_getcap", "handles-persistent"))
+	// The EKs: RSA 2048 and ECC P-256 from the TCG default templates, and
+	// swtpm_setup's ECC P-384 (high range).
+	require.Equal(t, "- 0x81010001\n- 0x81010002\n- 0x81010016\n", tt.run(t, "tpm2_getcap", "handles-persistent"))
 
-	// RSA: the certificate at the TCG index, against tpm2_createek's key.
-	tt.run(t, "tpm2_nvread", "-C", "o", "-o", "ek-rsa.der", "0x01c00002")
-	rsaCert := verifyTCGCert(t, tt.read(t, "ek-rsa.der"), ca, oidEKCertificate)
-	assert.Equal(t, vmid, rsaCert.Subject.CommonName)
-	assert.Equal(t, x509.KeyUsageKeyEncipherment, rsaCert.KeyUsage)
-	tt.run(t, "tpm2_createek", "-c", "ek-rsa.ctx", "-G", "rsa", "-u", "ek-rsa.pem", "-f", "pem")
-	tt.flush(t)
-	derived, ok := pemPublicKey(t, tt.read(t, "ek-rsa.pem")).(*rsa.PublicKey)
-	require.True(t, ok)
-	certified, ok := rsaCert.PublicKey.(*rsa.PublicKey)
-	require.True(t, ok)
-	require.Equal(t, 2048, derived.N.BitLen())
-	require.Equal(t, derived.N.Text(16), certified.N.Text(16), "the RSA EK certificate certifies another key")
-	require.Equal(t, derived.E, certified.E)
-
-	// ECC P-384, likewise (tpm2_createek's ecc384 is template H-3).
-	tt.run(t, "tpm2_nvread", "-C", "o", "-o", "ek-ecc.der", "0x01c00016")
-	eccCert := verifyTCGCert(t, tt.read(t, "ek-ecc.der"), ca, oidEKCertificate)
-	assert.Equal(t, x509.KeyUsageKeyAgreement, eccCert.KeyUsage)
-	tt.run(t, "tpm2_createek", "-c", "ek-ecc.ctx", "-G", "ecc384", "-u", "ek-ecc.pem", "-f", "pem")
-	tt.flush(t)
-	derivedECC, ok := pemPublicKey(t, tt.read(t, "ek-ecc.pem")).(*ecdsa.PublicKey)
-	require.True(t, ok)
-	require.True(t, derivedECC.Equal(eccCert.PublicKey), "the ECC EK certificate certifies another key")
-
-	// tpm2_getekcertificate (5.4, which reads the low range only) finds
-	// the RSA one.
-	tt.run(t, "tpm2_getekcertificate", "-o", "rsa.der")
-	require.Equal(t, tt.read(t, "ek-rsa.der"), tt.read(t, "rsa.der"))
+	// tpm2_getekcertificate reads the low range certificates: RSA, then
+	// ECC P-256. Each is the one at its TCG index, chains to the local CA
+	// and certifies the key tpm2_createek derives from the TCG template.
+	tt.run(t, "tpm2_getekcertificate", "-o", "rsa.der", "-o", "ecc.der")
+	var certified *rsa.PublicKey
+	for _, ek := range []struct {
+		file, index, alg string
+		usage            x509.KeyUsage
+	}{
+		{"rsa.der", "0x01c00002", "rsa", x509.KeyUsageKeyEncipherment},
+		{"ecc.der", "0x01c0000a", "ecc", x509.KeyUsageKeyAgreement},
+		{"", "0x01c00016", "ecc384", x509.KeyUsageKeyAgreement},
+	} {
+		tt.run(t, "tpm2_nvread", "-C", "o", "-o", "nv.der", ek.index)
+		der := tt.read(t, "nv.der")
+		if ek.file != "" {
+			require.Equal(t, der, tt.read(t, ek.file), "tpm2_getekcertificate's %s certificate", ek.alg)
+		}
+		cert := verifyTCGCert(t, der, ca, oidEKCertificate)
+		assert.Equal(t, vmid, cert.Subject.CommonName, ek.alg)
+		assert.Equal(t, ek.usage, cert.KeyUsage, ek.alg)
+		requireCreateEK(t, tt, ek.alg, cert)
+		if ek.alg == "rsa" {
+			certified = cert.PublicKey.(*rsa.PublicKey)
+		}
+	}
+	require.Equal(t, 2048, certified.N.BitLen())
 
 	// The platform certificate, for the RSA EK.
 	tt.run(t, "tpm2_nvread", "-C", "o", "-o", "platform.der", "0x01c08000")
 	platform := verifyTCGCert(t, tt.read(t, "platform.der"), ca, oidPlatformCertificate)
-	require.True(t, derived.Equal(platform.PublicKey))
+	require.True(t, certified.Equal(platform.PublicKey))
 
-	// --lock-nvram: written and locked for good.
-	pub := tt.run(t, "tpm2_nvreadpublic", "0x01c00002")
-	require.Contains(t, pub, "ppwrite|writelocked|writedefine|ppread|ownerread|authread|no_da|written|platformcreate")
-	require.Contains(t, tt.fails(t, "tpm2_nvwrite", "-C", "p", "-i", "ek-rsa.der", "0x01c00002"), "0x148")
+	// --lock-nvram: every certificate written and locked for good.
+	tt.write(t, "byte.bin", []byte{1})
+	for _, index := range []string{"0x01c00002", "0x01c0000a", "0x01c00016", "0x01c08000"} {
+		pub := tt.run(t, "tpm2_nvreadpublic", index)
+		require.Contains(t, pub, "ppwrite|writelocked|writedefine|ppread|ownerread|authread|no_da|written|platformcreate", index)
+		require.Contains(t, tt.fails(t, "tpm2_nvwrite", "-C", "p", "-i", "byte.bin", index), "0x148", index)
+	}
 
 	// sha256 is the only active PCR bank (swtpm_setup's default).
 	require.Equal(t, pcrBanksOutput("sha256"), tt.run(t, "tpm2_getcap", "pcrs"))
@@ -256,7 +269,8 @@ func TestSetupStateFile(t *testing.T) {
 	dir := sockDir(t)
 	file := fileBackend.statePath(dir)
 	logfile := filepath.Join(t.TempDir(), "setup.log")
-	out, code := runSetupEnv(t, env, libvirtSetupArgs("file://"+file, "vm5:file", logfile)...)
+	certDir := t.TempDir()
+	out, code := runSetupEnv(t, env, append(libvirtSetupArgs("file://"+file, "vm5:file", logfile), "--write-ek-cert-files", certDir)...)
 	require.Equal(t, 0, code, out)
 	fi, err := os.Stat(file)
 	require.NoError(t, err)
@@ -274,11 +288,21 @@ func TestSetupStateFile(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, before, after)
 
+	// The EK certificates, in NV and as --write-ek-cert-files wrote them
+	// (swtpm_setup's file names).
 	tt := startToolsTPMOn(t, fileBackend, dir, "")
-	tt.run(t, "tpm2_nvread", "-C", "o", "-o", "ek.der", "0x01c00002")
-	cert, err := x509.ParseCertificate(tt.read(t, "ek.der"))
+	for index, name := range map[string]string{"0x01c00002": "ek-rsa2048.crt", "0x01c0000a": "ek-secp256r1.crt", "0x01c00016": "ek-secp384r1.crt"} {
+		tt.run(t, "tpm2_nvread", "-C", "o", "-o", "ek.der", index)
+		cert, err := x509.ParseCertificate(tt.read(t, "ek.der"))
+		require.NoError(t, err, index)
+		assert.Equal(t, "vm5:file", cert.Subject.CommonName, index)
+		written, err := os.ReadFile(filepath.Join(certDir, name))
+		require.NoError(t, err)
+		assert.Equal(t, cert.Raw, written, name)
+	}
+	entries, err := os.ReadDir(certDir)
 	require.NoError(t, err)
-	assert.Equal(t, "vm5:file", cert.Subject.CommonName)
+	assert.Len(t, entries, 3)
 }
 
 // TestSetupEncryptedState provisions with libvirt's encryption options
@@ -467,15 +491,16 @@ func testDebianSwtpmSetupWithVtpmd(t *testing.T, b stateBackend) {
 
 	tt := startToolsTPMOn(t, b, dir, "")
 	tt.run(t, "tpm2_getrandom", "8")
-	tt.run(t, "tpm2_nvread", "-C", "o", "-o", "ek.der", "0x01c00002")
-	cert, err := x509.ParseCertificate(tt.read(t, "ek.der"))
-	require.NoError(t, err)
-	assert.Equal(t, "vm3:debian", cert.Subject.CommonName)
-	tt.run(t, "tpm2_createek", "-c", "ek.ctx", "-G", "rsa", "-u", "ek.pem", "-f", "pem")
-	tt.flush(t)
-	require.True(t, pemPublicKey(t, tt.read(t, "ek.pem")).(*rsa.PublicKey).Equal(cert.PublicKey))
-	// swtpm_setup's ECC EK: P-384 in the high range.
-	require.Contains(t, tt.run(t, "tpm2_getcap", "handles-persistent"), "0x81010016")
+	// swtpm_setup's EKs: RSA 2048 and ECC P-384 (high range), which
+	// vtpmd makes too.
+	require.Equal(t, "- 0x81010001\n- 0x81010016\n", tt.run(t, "tpm2_getcap", "handles-persistent"))
+	for _, ek := range []struct{ index, alg string }{{"0x01c00002", "rsa"}, {"0x01c00016", "ecc384"}} {
+		tt.run(t, "tpm2_nvread", "-C", "o", "-o", "ek.der", ek.index)
+		cert, err := x509.ParseCertificate(tt.read(t, "ek.der"))
+		require.NoError(t, err)
+		assert.Equal(t, "vm3:debian", cert.Subject.CommonName)
+		requireCreateEK(t, tt, ek.alg, cert)
+	}
 }
 
 // TestLibvirtSequenceWithVtpmd replays the commands libvirt runs for a

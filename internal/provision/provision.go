@@ -28,23 +28,32 @@ type Device interface {
 
 // Handles and NV indices (see the package comment).
 //
-// The TCG Registry of Reserved TPM 2.0 Handles and Localities (v1.1, 2.3.1)
-// reserves 0x81010000-0x8101ffff for endorsement primary keys and the TCG
-// TPM v2.0 Provisioning Guidance (1.0, table 2) puts the RSA 2048 EK at
-// 0x81010001. The TCG EK Credential Profile (2.3, 2.2.1.4-2.2.1.5) gives the
-// certificate indices: 0x01c00002 for RSA 2048 (low range) and 0x01c00016
-// for ECC NIST P-384 (high range, template H-3). swtpm_setup (0.7 and later;
-// swtpm.c TPM2_EK_ECC_SECP384R1_HANDLE) makes that P-384 EK, not the low
-// range P-256 one, and persists it at 0x81010016, the handle that mirrors
-// its index; vtpmd does the same, so that a TPM it provisions for libvirt
-// looks like one swtpm_setup provisioned.
+// The TCG EK Credential Profile (2.3, 2.2.1.4) puts the low range EKs'
+// certificates, those of the default templates L-1 (RSA 2048) and L-2 (ECC
+// NIST P-256), at 0x01c00002 and 0x01c0000a: where tpm2_getekcertificate
+// and go-attestation look. The TCG Registry of Reserved TPM 2.0 Handles and
+// Localities (2.3.1) reserves 0x81010000-0x8101ffff for EKs; the TPM v2.0
+// Provisioning Guidance (table 2) puts the RSA EK at 0x81010001, and the
+// ECC P-256 EK goes at 0x81010002, where go-attestation finds it.
+//
+// swtpm_setup (0.7 and later; swtpm_setup.c tpm2_create_eks_and_certs)
+// makes, with --createek alone as libvirt passes it and whether or not
+// --ecc is given (that one picks the storage key's type), the RSA 2048 EK
+// and the high range ECC NIST P-384 one (template H-3) with its certificate
+// at 0x01c00016 (2.2.1.5), persisted at 0x81010016 (swtpm.c
+// TPM2_EK_ECC_SECP384R1_HANDLE, the handle mirroring the index); swtpm
+// 0.7.1 here does so. vtpmd makes that one too, so that a TPM it
+// provisions for libvirt has what swtpm_setup's has, and adds the P-256 EK
+// that TCG default tools look for.
 const (
-	RSAEKHandle       tpm2.TPMHandle = 0x81010001
-	ECCEKHandle       tpm2.TPMHandle = 0x81010016
-	SPKHandle         tpm2.TPMHandle = 0x81000001
-	RSAEKCertIndex    tpm2.TPMHandle = 0x01c00002
-	ECCEKCertIndex    tpm2.TPMHandle = 0x01c00016
-	PlatformCertIndex tpm2.TPMHandle = 0x01c08000
+	RSAEKHandle        tpm2.TPMHandle = 0x81010001
+	ECCEKHandle        tpm2.TPMHandle = 0x81010002
+	ECCP384EKHandle    tpm2.TPMHandle = 0x81010016
+	SPKHandle          tpm2.TPMHandle = 0x81000001
+	RSAEKCertIndex     tpm2.TPMHandle = 0x01c00002
+	ECCEKCertIndex     tpm2.TPMHandle = 0x01c0000a
+	ECCP384EKCertIndex tpm2.TPMHandle = 0x01c00016
+	PlatformCertIndex  tpm2.TPMHandle = 0x01c08000
 )
 
 // Engine limits of the reference TPM: the largest NV index and the most
@@ -56,8 +65,8 @@ const (
 
 // Options says what to provision.
 type Options struct {
-	// EK creates the RSA 2048 and ECC NIST P-384 endorsement keys and
-	// makes them persistent.
+	// EK creates the endorsement keys (RSA 2048, ECC NIST P-256 and ECC
+	// NIST P-384) and makes them persistent.
 	EK bool
 	// EKCerts issues their certificates and stores them in NV; implies EK.
 	EKCerts bool
@@ -86,7 +95,8 @@ type Options struct {
 
 // EK is an endorsement key made by Run.
 type EK struct {
-	// Kind is "rsa2048" or "secp384r1", as in swtpm's EK file names.
+	// Kind is "rsa2048", "secp256r1" or "secp384r1", as in swtpm's EK
+	// file names.
 	Kind      string
 	Handle    tpm2.TPMHandle
 	CertIndex tpm2.TPMHandle
@@ -144,7 +154,8 @@ func Run(ctx context.Context, dev Device, opts Options) (*Result, error) {
 			certIndex tpm2.TPMHandle
 		}{
 			{"rsa2048", tpm2.RSAEKTemplate, RSAEKHandle, RSAEKCertIndex},
-			{"secp384r1", ECCP384EKTemplate, ECCEKHandle, ECCEKCertIndex},
+			{"secp256r1", tpm2.ECCEKTemplate, ECCEKHandle, ECCEKCertIndex},
+			{"secp384r1", ECCP384EKTemplate, ECCP384EKHandle, ECCP384EKCertIndex},
 		} {
 			pub, err := p.createPersistent(tpm2.TPMRHEndorsement, k.template, k.handle)
 			if err != nil {

@@ -91,9 +91,9 @@ func TestProvisionLibvirtDefaults(t *testing.T) {
 		Platform: Platform{Manufacturer: "vtpmd", Model: "QEMU", Version: "1"},
 	})
 	t.Logf("provisioned in %v", time.Since(start))
-	require.Len(t, res.EKs, 2)
+	require.Len(t, res.EKs, 3)
 	assert.Equal(t, []string{"sha256"}, res.PCRBanks)
-	assert.Equal(t, []tpm2.TPMHandle{RSAEKCertIndex, ECCEKCertIndex, PlatformCertIndex}, res.NVIndices)
+	assert.Equal(t, []tpm2.TPMHandle{0x01c00002, 0x01c0000a, 0x01c00016, 0x01c08000}, res.NVIndices)
 
 	roots, intermediates := chainPools(t, ca)
 	p := tpm(t, d)
@@ -119,22 +119,34 @@ func TestProvisionLibvirtDefaults(t *testing.T) {
 	verifyTCG(t, plat, roots, intermediates)
 	checkSAN(t, plat, map[string]string{"2.23.133.5.1.1": "vtpmd", "2.23.133.5.1.4": "QEMU", "2.23.133.5.1.5": "1"})
 
-	// The EKs are persistent, and re-deriving them gives the same keys.
-	for _, ek := range res.EKs {
+	// The EKs are persistent at their handles, and re-deriving them from
+	// their templates gives the same keys.
+	for i, want := range []struct {
+		kind     string
+		handle   tpm2.TPMHandle
+		template tpm2.TPMTPublic
+	}{
+		{"rsa2048", 0x81010001, tpm2.RSAEKTemplate},
+		{"secp256r1", 0x81010002, tpm2.ECCEKTemplate},
+		{"secp384r1", 0x81010016, ECCP384EKTemplate},
+	} {
+		ek := res.EKs[i]
+		require.Equal(t, want.kind, ek.Kind)
+		require.Equal(t, want.handle, ek.Handle, ek.Kind)
 		rp, err := tpm2.ReadPublic{ObjectHandle: ek.Handle}.Execute(p)
 		require.NoError(t, err, ek.Kind)
 		pub, err := publicKey(&rp.OutPublic)
 		require.NoError(t, err)
 		assert.True(t, publicKeysEqual(ek.Public, pub), ek.Kind)
+		created, err := tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHEndorsement, InPublic: tpm2.New2B(want.template)}.Execute(p)
+		require.NoError(t, err, ek.Kind)
+		pub, err = publicKey(&created.OutPublic)
+		require.NoError(t, err)
+		assert.True(t, publicKeysEqual(ek.Public, pub), ek.Kind)
+		_, _ = tpm2.FlushContext{FlushHandle: created.ObjectHandle}.Execute(p)
 	}
-	created, err := tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHEndorsement, InPublic: tpm2.New2B(tpm2.RSAEKTemplate)}.Execute(p)
-	require.NoError(t, err)
-	pub, err := publicKey(&created.OutPublic)
-	require.NoError(t, err)
-	assert.True(t, publicKeysEqual(res.EKs[0].Public, pub))
-	_, _ = tpm2.FlushContext{FlushHandle: created.ObjectHandle}.Execute(p)
-	require.Equal(t, "secp384r1", res.EKs[1].Kind)
-	assert.Equal(t, elliptic.P384(), res.EKs[1].Public.(*ecdsa.PublicKey).Curve)
+	assert.Equal(t, elliptic.P256(), res.EKs[1].Public.(*ecdsa.PublicKey).Curve)
+	assert.Equal(t, elliptic.P384(), res.EKs[2].Public.(*ecdsa.PublicKey).Curve)
 
 	// Locked: not even the platform can write again.
 	pubNV, err := tpm2.NVReadPublic{NVIndex: RSAEKCertIndex}.Execute(p)
@@ -368,6 +380,26 @@ func TestCAWithoutRoot(t *testing.T) {
 	require.NoError(t, ek.CheckSignatureFrom(cert))
 	_, rootCert := RootFiles(files.SigningKey)
 	assert.NoFileExists(t, rootCert)
+}
+
+// TestECCEKTemplateIsL2 compares the P-256 EK template with the TCG EK
+// Credential Profile's template L-2 (2.3, B.3.4), which tpm2_createek -G
+// ecc sends too.
+func TestECCEKTemplateIsL2(t *testing.T) {
+	want := []byte{
+		0x00, 0x23, 0x00, 0x0b, // ECC, SHA-256
+		0x00, 0x03, 0x00, 0xb2, // fixedTPM|fixedParent|sensitiveDataOrigin|adminWithPolicy|restricted|decrypt
+		0x00, 0x20, // authPolicy: PolicyA (SHA-256), PolicySecret(TPM_RH_ENDORSEMENT)
+		0x83, 0x71, 0x97, 0x67, 0x44, 0x84, 0xb3, 0xf8, 0x1a, 0x90, 0xcc, 0x8d, 0x46, 0xa5, 0xd7, 0x24,
+		0xfd, 0x52, 0xd7, 0x6e, 0x06, 0x52, 0x0b, 0x64, 0xf2, 0xa1, 0xda, 0x1b, 0x33, 0x14, 0x69, 0xaa,
+		0x00, 0x06, 0x00, 0x80, 0x00, 0x43, // AES-128-CFB
+		0x00, 0x10, 0x00, 0x03, 0x00, 0x10, // no scheme, NIST P-256, no KDF
+		0x00, 0x20, // unique: 32 zero bytes for x and for y
+	}
+	want = append(want, make([]byte, 32)...)
+	want = append(want, 0x00, 0x20)
+	want = append(want, make([]byte, 32)...)
+	assert.Equal(t, want, tpm2.Marshal(tpm2.ECCEKTemplate))
 }
 
 // TestECCEKTemplateIsSwtpmSetups compares the P-384 EK template with the
