@@ -12,6 +12,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 )
 
 func fileRecord(gen uint64, size int) *Record {
@@ -258,6 +259,15 @@ func TestFileStoreLock(t *testing.T) {
 	s2, err := OpenFile(path, FileOptions{})
 	require.NoError(t, err, "the lock is released on Close")
 	require.NoError(t, s2.Close())
+
+	// swtpm's lock (lock=true) is a traditional fcntl lock; it excludes
+	// vtpmd's too.
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	require.NoError(t, err)
+	defer f.Close()
+	require.NoError(t, unix.FcntlFlock(f.Fd(), unix.F_SETLK, &unix.Flock_t{Type: unix.F_WRLCK}))
+	_, err = OpenFile(path, FileOptions{})
+	assert.ErrorIs(t, err, ErrLocked, "while swtpm holds the file")
 }
 
 func TestFileStoreRefusesSymlinksAndMissing(t *testing.T) {
