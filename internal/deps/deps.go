@@ -10,6 +10,4 @@ import (
 	_ "github.com/google/go-tpm-tools/client"
 	_ "github.com/mdlayher/vsock"
 	_ "github.com/prometheus/client_golang/prometheus"
-	_ "go.etcd.io/etcd/client/v3"
-	_ "go.etcd.io/etcd/server/v3/embed"
 )
