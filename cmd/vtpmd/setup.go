@@ -537,8 +537,8 @@ Provisions a new TPM 2.0 in process, with swtpm_setup's options:
                          : the TPM's state directory, or state file (a regular
                            file or a block device)
 --createek               : create the EKs: RSA 2048 and ECC P-256 (TCG default
-                           templates, 0x81010001, 0x81010002) and ECC P-384
-                           (swtpm_setup's, 0x81010016)
+                           templates; the RSA one persistent at 0x81010001)
+                           and ECC P-384 (swtpm_setup's, at 0x81010016)
 --create-ek-cert         : also their certificates (NV 0x01c00002, 0x01c0000a,
                            0x01c00016)
 --create-platform-cert   : also the platform certificate (NV 0x01c08000)

@@ -175,7 +175,7 @@ func TestSetupLibvirt(t *testing.T) {
 	tt.run(t, "tpm2_getrandom", "8")
 	// The EKs: RSA 2048 and ECC P-256 from the TCG default templates, and
 	// swtpm_setup's ECC P-384 (high range).
-	require.Equal(t, "- 0x81010001\n- 0x81010002\n- 0x81010016\n", tt.run(t, "tpm2_getcap", "handles-persistent"))
+	require.Equal(t, "- 0x81010001\n- 0x81010016\n", tt.run(t, "tpm2_getcap", "handles-persistent"))
 
 	// tpm2_getekcertificate reads the low range certificates: RSA, then
 	// ECC P-256. Each is the one at its TCG index, chains to the local CA

@@ -14,8 +14,8 @@
 // Handles and indices are those of the TCG EK Credential Profile for TPM
 // Family 2.0 and the TCG Registry of Reserved TPM 2.0 Handles, and
 // swtpm_setup's for the P-384 EK (see RSAEKHandle): the RSA 2048 EK at 0x81010001 with its certificate at
-// 0x01c00002, the ECC P-256 EK at 0x81010002 with its certificate at
-// 0x01c0000a, the ECC P-384 EK at 0x81010016 with its certificate at
+// 0x01c00002, the ECC P-256 EK's certificate at 0x01c0000a (the key is
+// derived from its template when used, not persistent), the ECC P-384 EK at 0x81010016 with its certificate at
 // 0x01c00016, the platform certificate at 0x01c08000 and, when asked, the
 // storage primary key at 0x81000001. Certificates carry the fields
 // swtpm_localca gives them.

@@ -34,7 +34,10 @@ type Device interface {
 // and go-attestation look. The TCG Registry of Reserved TPM 2.0 Handles and
 // Localities (2.3.1) reserves 0x81010000-0x8101ffff for EKs; the TPM v2.0
 // Provisioning Guidance (table 2) puts the RSA EK at 0x81010001, and the
-// ECC P-256 EK goes at 0x81010002, where go-attestation finds it.
+// ECC P-256 EK would go at 0x81010002; vtpmd stores only its certificate
+// and leaves the key to be derived from template L-2 when used (as
+// tpm2_createek and go-attestation do), because the engine's NV is 16 KiB
+// and a third persistent EK would leave a guest about 1 KiB of it.
 //
 // swtpm_setup (0.7 and later; swtpm_setup.c tpm2_create_eks_and_certs)
 // makes, with --createek alone as libvirt passes it and whether or not
@@ -47,7 +50,6 @@ type Device interface {
 // that TCG default tools look for.
 const (
 	RSAEKHandle        tpm2.TPMHandle = 0x81010001
-	ECCEKHandle        tpm2.TPMHandle = 0x81010002
 	ECCP384EKHandle    tpm2.TPMHandle = 0x81010016
 	SPKHandle          tpm2.TPMHandle = 0x81000001
 	RSAEKCertIndex     tpm2.TPMHandle = 0x01c00002
@@ -66,7 +68,7 @@ const (
 // Options says what to provision.
 type Options struct {
 	// EK creates the endorsement keys (RSA 2048, ECC NIST P-256 and ECC
-	// NIST P-384) and makes them persistent.
+	// NIST P-384) and makes the RSA and P-384 ones persistent.
 	EK bool
 	// EKCerts issues their certificates and stores them in NV; implies EK.
 	EKCerts bool
@@ -97,7 +99,8 @@ type Options struct {
 type EK struct {
 	// Kind is "rsa2048", "secp256r1" or "secp384r1", as in swtpm's EK
 	// file names.
-	Kind      string
+	Kind string
+	// Handle is where the key is persistent, or 0 if it is not.
 	Handle    tpm2.TPMHandle
 	CertIndex tpm2.TPMHandle
 	Public    crypto.PublicKey
@@ -150,14 +153,14 @@ func Run(ctx context.Context, dev Device, opts Options) (*Result, error) {
 		for _, k := range []struct {
 			kind      string
 			template  tpm2.TPMTPublic
-			handle    tpm2.TPMHandle
+			handle    tpm2.TPMHandle // 0: not persistent
 			certIndex tpm2.TPMHandle
 		}{
 			{"rsa2048", tpm2.RSAEKTemplate, RSAEKHandle, RSAEKCertIndex},
-			{"secp256r1", tpm2.ECCEKTemplate, ECCEKHandle, ECCEKCertIndex},
+			{"secp256r1", tpm2.ECCEKTemplate, 0, ECCEKCertIndex},
 			{"secp384r1", ECCP384EKTemplate, ECCP384EKHandle, ECCP384EKCertIndex},
 		} {
-			pub, err := p.createPersistent(tpm2.TPMRHEndorsement, k.template, k.handle)
+			pub, err := p.createPrimary(tpm2.TPMRHEndorsement, k.template, k.handle)
 			if err != nil {
 				return nil, fmt.Errorf("create the %s EK: %w", k.kind, err)
 			}
@@ -170,7 +173,7 @@ func Run(ctx context.Context, dev Device, opts Options) (*Result, error) {
 		if opts.SPKECC {
 			template, kind = eccP384SPKTemplate, "secp384r1"
 		}
-		if _, err := p.createPersistent(tpm2.TPMRHOwner, template, SPKHandle); err != nil {
+		if _, err := p.createPrimary(tpm2.TPMRHOwner, template, SPKHandle); err != nil {
 			return nil, fmt.Errorf("create the storage primary key: %w", err)
 		}
 		p.log.Info("created storage primary key", "type", kind, "handle", fmt.Sprintf("%#x", uint32(SPKHandle)))
@@ -250,14 +253,18 @@ func (p *provisioner) Send(cmd []byte) ([]byte, error) {
 	return append([]byte(nil), p.dev.Execute(p.ctx, cmd)...), nil
 }
 
-// createPersistent creates a primary key under hierarchy from template,
-// makes it persistent at handle and returns its public key.
-func (p *provisioner) createPersistent(hierarchy tpm2.TPMHandle, template tpm2.TPMTPublic, handle tpm2.TPMHandle) (crypto.PublicKey, error) {
+// createPrimary creates a primary key under hierarchy from template, makes
+// it persistent at handle unless handle is 0, and returns its public key.
+func (p *provisioner) createPrimary(hierarchy tpm2.TPMHandle, template tpm2.TPMTPublic, handle tpm2.TPMHandle) (crypto.PublicKey, error) {
 	created, err := tpm2.CreatePrimary{PrimaryHandle: hierarchy, InPublic: tpm2.New2B(template)}.Execute(p)
 	if err != nil {
 		return nil, err
 	}
 	flush := func() { _, _ = tpm2.FlushContext{FlushHandle: created.ObjectHandle}.Execute(p) }
+	if handle == 0 {
+		flush()
+		return publicKey(&created.OutPublic)
+	}
 	_, err = tpm2.EvictControl{
 		Auth:             tpm2.TPMRHOwner,
 		ObjectHandle:     tpm2.NamedHandle{Handle: created.ObjectHandle, Name: created.Name},
