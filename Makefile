@@ -40,14 +40,16 @@ deps:
 
 build:
 	$(GO) build -o bin/vtpmd ./cmd/vtpmd
+	$(GO) build -o bin/vtpmd-guardian ./cmd/vtpmd-guardian
 
 install: build
 	install -d $(DESTDIR)$(BINDIR)
 	install -m 0755 bin/vtpmd $(DESTDIR)$(BINDIR)/vtpmd
+	install -m 0755 bin/vtpmd-guardian $(DESTDIR)$(BINDIR)/vtpmd-guardian
 	for name in $(SWTPM_NAMES); do ln -sf vtpmd $(DESTDIR)$(BINDIR)/$$name; done
 
 uninstall:
-	for name in vtpmd $(SWTPM_NAMES); do rm -f $(DESTDIR)$(BINDIR)/$$name; done
+	for name in vtpmd vtpmd-guardian $(SWTPM_NAMES); do rm -f $(DESTDIR)$(BINDIR)/$$name; done
 
 # Serve one TPM for QEMU and print the QEMU arguments to use it.
 run: build-deps build

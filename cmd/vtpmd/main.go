@@ -7,7 +7,9 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"syscall"
 
 	"github.com/vtpmd/vtpmd/vtpm"
 )
@@ -57,6 +59,8 @@ func run(args []string, stdout io.Writer) error {
 		return runServe(args[2:], stdout)
 	case "ctl":
 		return runCtl(args[2:], stdout)
+	case "guardian":
+		return execGuardian(args[2:])
 	case "worker":
 		return runWorker(args[2:])
 	case "host":
@@ -88,6 +92,8 @@ Commands:
   serve      serve the TPMs of many VMs, a worker process each, managed
              through an admin API (see 'vtpmd serve --help')
   ctl        the admin client of 'vtpmd serve' (see 'vtpmd ctl --help')
+  guardian   the guardian service and its administration: runs the
+             vtpmd-guardian binary (see 'vtpmd guardian --help')
   host identity [--config F]
              print this host's identity for the guardian's registration
   --version  print the version
@@ -123,3 +129,21 @@ Serves one TPM 2.0 with swtpm's protocol. Options (as swtpm's):
                    $VTPMD_GUARDIAN_CONFIG, else /etc/vtpmd/guardian.json if it exists)
 --print-capabilities, --print-states, -h|--help
 `
+
+// execGuardian runs vtpmd-guardian in this process's place: the guardian is
+// a binary of its own so that vtpmd never links etcd. It is looked for next
+// to vtpmd, then on PATH.
+func execGuardian(args []string) error {
+	const name = "vtpmd-guardian"
+	path, err := os.Executable()
+	if err == nil {
+		path = filepath.Join(filepath.Dir(path), name)
+		_, err = os.Stat(path)
+	}
+	if err != nil {
+		if path, err = exec.LookPath(name); err != nil {
+			return fmt.Errorf("guardian: %s is neither next to vtpmd nor on PATH (make install installs it)", name)
+		}
+	}
+	return fmt.Errorf("guardian: run %s: %w", path, syscall.Exec(path, append([]string{name}, args...), os.Environ()))
+}
