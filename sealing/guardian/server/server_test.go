@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"errors"
+	"maps"
 	"net/http"
 	"strings"
 	"sync"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/internal/measuredboot"
 	"github.com/vtpmd/vtpmd/sealing/guardian"
+	"github.com/vtpmd/vtpmd/sealing/guardian/host"
 )
 
 var ctx = context.Background()
@@ -127,6 +129,32 @@ func TestTPMHostWithAnotherBootIsRefusedNamingThePCR(t *testing.T) {
 	_, err = f.client.Attest(ctx, req)
 	assert.Equal(t, guardian.CodeNotAttested, guardian.CodeOf(err), "%v", err)
 	assert.ErrorContains(t, err, "does not replay")
+}
+
+// A host that quotes only a PCR without measurements cannot pass off a
+// known-good boot's values for the PCRs it did not quote (go-attestation's
+// Verify refuses values the quote does not cover).
+func TestUnquotedPCRValuesAreRefused(t *testing.T) {
+	f := newFabric(t, "fabric-a")
+	good := measuredboot.TypicalBoot("fw 1.0")
+	tpm, _ := bootedHost(t, measuredboot.Tampered(good))
+	f.register(t, "host-1", "rack-1", tpm)
+	goodLog, err := measuredboot.Encode(good)
+	require.NoError(t, err)
+	recordBaseline(t, f, "rack-1", goodLog)
+
+	tpm.PCRs = []int{8}
+	transport, _ := guardian.NewEncryptionKey()
+	n, err := f.client.Nonce(ctx, "host-1")
+	require.NoError(t, err)
+	req, err := tpm.Evidence(n.Nonce, transport.Public())
+	require.NoError(t, err)
+	req.Host = "host-1"
+	maps.Copy(req.TPM.PCRs, measuredboot.PCRs(good, host.DefaultPCRs))
+	req.TPM.EventLog = goodLog
+	_, err = f.client.Attest(ctx, req)
+	require.Equal(t, guardian.CodeNotAttested, guardian.CodeOf(err), "%v", err)
+	assert.ErrorContains(t, err, "was not included in quote")
 }
 
 func TestHostKeyHostAndEveryRefusal(t *testing.T) {
