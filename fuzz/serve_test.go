@@ -59,7 +59,12 @@ func FuzzWorkerMessage(f *testing.F) {
 		workerproto.Key{VMID: "0123", KeyID: "host:abcd", Secret: bytes.Repeat([]byte{7}, workerproto.KeySize)},
 		workerproto.Ready{}, workerproto.Get{VMID: "0123"}, workerproto.Record{Record: rec}, workerproto.NotFound{},
 		workerproto.Put{Record: rec}, workerproto.Ack{Generation: 7}, workerproto.Error{Message: "disk full"},
-		workerproto.StatsRequest{}, workerproto.Stats{Commands: []workerproto.CommandStats{{Code: 0x17b, Count: 2, Nanos: 7, Buckets: []uint64{1, 1}}, {}}},
+		workerproto.StatsRequest{}, workerproto.Stats{Commands: []workerproto.CommandStats{{Code: 0x17b, Count: 2, Nanos: 7, Buckets: []uint64{1, 1}}, {}},
+			Guardian: []workerproto.GuardianCalls{{Op: "release", Result: "ok", Count: 3}, {Op: "attest", Result: "baseline_mismatch", Count: 1}}},
+		workerproto.Guardian{VMID: "0123", Config: []byte(`{"urls":["https://g1:8443"],"ca_file":"/etc/vtpmd/guardian-ca.pem","host":"h1"}`)},
+		workerproto.GetProtector{VMID: "0123"}, workerproto.Protector{Data: []byte(`{"version":1,"vm_id":"0123"}`)},
+		workerproto.PutProtector{VMID: "0123", Data: []byte(`{"version":1,"vm_id":"0123"}`)},
+		workerproto.KeyStatus{}, workerproto.KeyStatus{Err: "guardian unreachable for POST /v1/release"},
 	} {
 		b, err := workerproto.Marshal(m)
 		if err != nil {
@@ -94,6 +99,18 @@ func FuzzWorkerMessage(f *testing.F) {
 		case workerproto.Put:
 			if aliases(m.Record.Sealed, b) {
 				t.Fatal("the record aliases the input")
+			}
+		case workerproto.Protector:
+			if aliases(m.Data, b) {
+				t.Fatal("the protector aliases the input")
+			}
+		case workerproto.PutProtector:
+			if aliases(m.Data, b) {
+				t.Fatal("the protector aliases the input")
+			}
+		case workerproto.Guardian:
+			if aliases(m.Config, b) {
+				t.Fatal("the config aliases the input")
 			}
 		}
 		out, err := workerproto.Marshal(m)

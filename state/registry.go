@@ -152,12 +152,13 @@ func (s *Store) PutVM(v *VM) error {
 	return nil
 }
 
-// DeleteVM removes the registry entry and the VM's state record together,
-// durably.
+// DeleteVM removes the registry entry, the VM's state record and its key
+// protector together, durably.
 func (s *Store) DeleteVM(v *VM) error {
 	b := s.db.NewBatch()
 	defer b.Close()
-	err := errors.Join(b.Delete([]byte(vmPrefix+v.Name), nil), b.Delete([]byte(recordPrefix+v.ID), nil))
+	err := errors.Join(b.Delete([]byte(vmPrefix+v.Name), nil), b.Delete([]byte(recordPrefix+v.ID), nil),
+		b.Delete([]byte(protectorPrefix+v.ID), nil))
 	if err == nil {
 		err = b.Commit(pebble.Sync)
 	}

@@ -29,8 +29,12 @@ type Records interface {
 type Sealed struct {
 	// Store holds the records.
 	Store Records
-	// Key is the VM's state key.
+	// Key is the VM's state key; nil until StartKey gave it.
 	Key *sealing.Key
+	// StartKey, if set, obtains the key at the first Load or Save (from a
+	// KeyAtStart source), told whether the VM has a record. A failure
+	// fails that Load or Save, and the next one asks again.
+	StartKey func(stored bool) (*sealing.Key, error)
 	// VMID names the VM; it is bound into every sealed image.
 	VMID string
 	// SoleVM says the store is this VM's alone (socket mode): a record of
@@ -46,6 +50,9 @@ type Sealed struct {
 // Load opens the VM's record. Every failure names the VM and the reason,
 // and leaves the record as it is.
 func (s *Sealed) Load() ([]byte, error) {
+	if err := s.startKey(); err != nil {
+		return nil, err
+	}
 	rec, err := s.get()
 	if err != nil {
 		return nil, err
@@ -86,8 +93,27 @@ func (s *Sealed) get() (*state.Record, error) {
 	return rec, err
 }
 
+// startKey obtains the key from StartKey if it is yet to be.
+func (s *Sealed) startKey() error {
+	if s.Key != nil {
+		return nil
+	}
+	_, err := s.get()
+	key, err := s.StartKey(!errors.Is(err, state.ErrNotFound))
+	if err != nil {
+		// Flattened: a key not obtained must never read as state that does
+		// not exist (fs.ErrNotExist), which would make a new TPM.
+		return errors.New(err.Error())
+	}
+	s.Key = key
+	return nil
+}
+
 // Save seals the image as the next generation and stores it durably.
 func (s *Sealed) Save(image []byte) error {
+	if err := s.startKey(); err != nil {
+		return err
+	}
 	if s.last == nil {
 		// Nothing loaded yet (a new TPM, or one set by SET_STATEBLOB): go
 		// on from the stored generation, but never over a corrupt record.
@@ -147,8 +173,6 @@ type Lockable struct {
 	sealed Sealed      // its Store is nil while the lock is not held
 	store  LockedStore // the same store, nil while the lock is not held
 	open   Opener
-	// startKey, for a KeyAtStart source, obtains the key at first use.
-	startKey func(stored bool) (*sealing.Key, error)
 }
 
 // KeyAtStart is a KeySource asked for the key when the TPM starts (the
@@ -180,7 +204,7 @@ const lockRetryInterval = 10 * time.Millisecond
 func OpenLockable(ctx context.Context, open Opener, keys sealing.KeySource, vmID string, witness *Witness, lock bool) (*Lockable, error) {
 	l := &Lockable{sealed: Sealed{VMID: vmID, SoleVM: true, Witness: witness}, open: open}
 	if late, ok := keys.(KeyAtStart); ok {
-		l.startKey = func(stored bool) (*sealing.Key, error) { return late.StartKey(ctx, vmID, stored) }
+		l.sealed.StartKey = func(stored bool) (*sealing.Key, error) { return late.StartKey(ctx, vmID, stored) }
 	} else {
 		key, err := keys.StateKey(ctx, vmID)
 		if err != nil {
@@ -201,22 +225,6 @@ func (l *Lockable) Key() *sealing.Key {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.sealed.Key
-}
-
-// keyLocked obtains the key from a KeyAtStart source if it is yet to be.
-func (l *Lockable) keyLocked() error {
-	if l.sealed.Key != nil {
-		return nil
-	}
-	_, err := l.sealed.get()
-	key, err := l.startKey(!errors.Is(err, state.ErrNotFound))
-	if err != nil {
-		// Flattened: a key not obtained must never read as state that does
-		// not exist (fs.ErrNotExist), which would make a new TPM.
-		return errors.New(err.Error())
-	}
-	l.sealed.Key = key
-	return nil
 }
 
 // Lock takes the storage lock, trying again every 10 ms up to retries times
@@ -266,9 +274,6 @@ func (l *Lockable) Load() ([]byte, error) {
 	if err := l.lockLocked(0); err != nil {
 		return nil, err
 	}
-	if err := l.keyLocked(); err != nil {
-		return nil, err
-	}
 	return l.sealed.Load()
 }
 
@@ -277,9 +282,6 @@ func (l *Lockable) Save(image []byte) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if err := l.lockLocked(0); err != nil {
-		return err
-	}
-	if err := l.keyLocked(); err != nil {
 		return err
 	}
 	return l.sealed.Save(image)

@@ -4,15 +4,20 @@
 //
 // A frame is a 4-byte big-endian length, then that many bytes: a type byte
 // and the message's fields (strings and byte strings with a 2- or 4-byte
-// length before them, integers big-endian). The supervisor sends Key first;
-// the worker answers Ready once it serves its sockets. After that the worker
-// asks and the supervisor answers, one request at a time: Get is answered by
-// Record, NotFound or Error; Put by Ack or Error. Ack means the record is
-// durably stored: only then may the worker release the TPM response whose
-// state it holds. Independently of that, the supervisor may send
-// StatsRequest at any time (a metrics scrape); the worker answers with
-// Stats, its TPM command counts, so that the per-command path costs no
-// message.
+// length before them, integers big-endian). The supervisor sends Key first,
+// or, for a host with a guardian, Guardian: the worker obtains the key from
+// the guardian itself when its TPM starts, so that the key is never in the
+// supervisor. The worker answers Ready once it serves its sockets. After
+// that the worker asks and the supervisor answers, one request at a time:
+// Get is answered by Record, NotFound or Error; Put by Ack or Error;
+// GetProtector by Protector, NotFound or Error; PutProtector by Ack
+// (stored), Protector (the VM has one already: that one) or Error. Ack
+// means the record is durably stored: only then may the worker release the
+// TPM response whose state it holds. A guardian worker also tells the
+// supervisor how each attempt to obtain the key went (KeyStatus; no answer).
+// Independently of that, the supervisor may send StatsRequest at any time
+// (a metrics scrape); the worker answers with Stats, its TPM command counts
+// and guardian calls, so that the per-command path costs no message.
 package workerproto
 
 import (
@@ -39,6 +44,12 @@ const (
 	TypeError    Type = 8  // supervisor → worker: the request failed
 	TypeStatsReq Type = 9  // supervisor → worker: your command counts, please
 	TypeStats    Type = 10 // worker → supervisor: the command counts
+
+	TypeGuardian     Type = 11 // supervisor → worker: obtain the key from the guardian
+	TypeGetProtector Type = 12 // worker → supervisor: the VM's key protector, please
+	TypeProtector    Type = 13 // supervisor → worker: the key protector
+	TypePutProtector Type = 14 // worker → supervisor: store this new key protector
+	TypeKeyStatus    Type = 15 // worker → supervisor: how obtaining the key went
 )
 
 // MaxFrame bounds a frame: a sealed 16 KiB NV image and its record fit
@@ -69,6 +80,33 @@ type Key struct {
 	Secret []byte
 }
 
+// Guardian tells the worker to obtain its VM's state key from the guardian
+// when the TPM starts.
+type Guardian struct {
+	// VMID is the VM id the state is sealed under.
+	VMID string
+	// Config is the host's guardian configuration (JSON, as
+	// host.ParseConfig reads it, its paths absolute).
+	Config []byte
+}
+
+// GetProtector asks for the VM's key protector.
+type GetProtector struct{ VMID string }
+
+// Protector is a VM's key protector (opaque to the supervisor).
+type Protector struct{ Data []byte }
+
+// PutProtector asks the supervisor to store the VM's new key protector
+// durably.
+type PutProtector struct {
+	VMID string
+	Data []byte
+}
+
+// KeyStatus says how the worker's last attempt to obtain its VM's key
+// went: Err is "" when the guardian released it.
+type KeyStatus struct{ Err string }
+
 // Ready says the worker serves its sockets.
 type Ready struct{}
 
@@ -94,8 +132,19 @@ type Error struct{ Message string }
 type StatsRequest struct{}
 
 // Stats are a worker's TPM command counts since it started, by command
-// code.
-type Stats struct{ Commands []CommandStats }
+// code, and its calls to the guardian.
+type Stats struct {
+	Commands []CommandStats
+	Guardian []GuardianCalls
+}
+
+// GuardianCalls counts a worker's calls to the guardian of one op
+// ("nonce", "attest", "release", "keys") with one result ("ok", a refusal
+// code, or "unreachable").
+type GuardianCalls struct {
+	Op, Result string
+	Count      uint64
+}
 
 // CommandStats are the counts of one TPM command code: how many, their
 // total latency, and how many fell in each latency bucket (not cumulative;
@@ -121,6 +170,11 @@ func (Ack) Type() Type          { return TypeAck }
 func (Error) Type() Type        { return TypeError }
 func (StatsRequest) Type() Type { return TypeStatsReq }
 func (Stats) Type() Type        { return TypeStats }
+func (Guardian) Type() Type     { return TypeGuardian }
+func (GetProtector) Type() Type { return TypeGetProtector }
+func (Protector) Type() Type    { return TypeProtector }
+func (PutProtector) Type() Type { return TypePutProtector }
+func (KeyStatus) Type() Type    { return TypeKeyStatus }
 
 // String never shows the secret.
 func (k Key) String() string { return fmt.Sprintf("key %s for VM %s", k.KeyID, k.VMID) }
@@ -140,6 +194,26 @@ func (k Key) appendFields(b []byte) ([]byte, error) {
 		return nil, err
 	}
 	return append(b, k.Secret...), nil
+}
+
+func (g Guardian) appendFields(b []byte) ([]byte, error) {
+	b, err := appendString(b, g.VMID)
+	if err != nil {
+		return nil, err
+	}
+	return appendString(b, string(g.Config))
+}
+
+func (g GetProtector) appendFields(b []byte) ([]byte, error) { return appendString(b, g.VMID) }
+func (p Protector) appendFields(b []byte) ([]byte, error)    { return append(b, p.Data...), nil }
+func (k KeyStatus) appendFields(b []byte) ([]byte, error)    { return appendString(b, k.Err) }
+
+func (p PutProtector) appendFields(b []byte) ([]byte, error) {
+	b, err := appendString(b, p.VMID)
+	if err != nil {
+		return nil, err
+	}
+	return append(b, p.Data...), nil
 }
 
 func (Ready) appendFields(b []byte) ([]byte, error)    { return b, nil }
@@ -169,6 +243,20 @@ func (s Stats) appendFields(b []byte) ([]byte, error) {
 		for _, n := range c.Buckets {
 			b = binary.BigEndian.AppendUint64(b, n)
 		}
+	}
+	if len(s.Guardian) > 0xffff {
+		return nil, fmt.Errorf("worker stats: %d guardian call counts is too many", len(s.Guardian))
+	}
+	b = binary.BigEndian.AppendUint16(b, uint16(len(s.Guardian)))
+	for _, g := range s.Guardian {
+		var err error
+		if b, err = appendString(b, g.Op); err != nil {
+			return nil, err
+		}
+		if b, err = appendString(b, g.Result); err != nil {
+			return nil, err
+		}
+		b = binary.BigEndian.AppendUint64(b, g.Count)
 	}
 	return b, nil
 }
@@ -278,6 +366,16 @@ func DecodeMessage(b []byte) (Message, error) {
 		m = StatsRequest{}
 	case TypeStats:
 		m = d.stats()
+	case TypeGuardian:
+		m = Guardian{VMID: d.str(), Config: []byte(d.str())}
+	case TypeGetProtector:
+		m = GetProtector{VMID: d.str()}
+	case TypeProtector:
+		m = Protector{Data: append([]byte{}, d.rest()...)}
+	case TypePutProtector:
+		m = PutProtector{VMID: d.str(), Data: append([]byte{}, d.rest()...)}
+	case TypeKeyStatus:
+		m = KeyStatus{Err: d.str()}
 	default:
 		return nil, fmt.Errorf("%w: unknown type %d", ErrMalformed, t)
 	}
@@ -347,6 +445,15 @@ func (d *decoder) stats() Stats {
 			return Stats{}
 		}
 		s.Commands = append(s.Commands, c)
+	}
+	if n = d.take(2); n == nil {
+		return Stats{}
+	}
+	for range binary.BigEndian.Uint16(n) {
+		s.Guardian = append(s.Guardian, GuardianCalls{Op: d.str(), Result: d.str(), Count: d.u64()})
+		if d.short {
+			return Stats{}
+		}
 	}
 	return s
 }

@@ -21,6 +21,10 @@ func Messages() []Message {
 		Ready{}, Get{VMID: "0123"}, Record{Record: rec}, NotFound{}, Put{Record: rec},
 		Ack{Generation: 7}, Error{Message: "disk full"}, StatsRequest{},
 		Stats{Commands: []CommandStats{{Code: 0x17b, Count: 3, Nanos: 90000, Buckets: []uint64{1, 2, 0}}, {Code: 0, Count: 1, Nanos: 5}}},
+		Stats{Guardian: []GuardianCalls{{Op: "release", Result: "ok", Count: 2}, {Op: "nonce", Result: "unreachable", Count: 1}}},
+		Guardian{VMID: "0123", Config: []byte(`{"urls":["https://g1:8443"],"ca_file":"/etc/vtpmd/ca.pem"}`)},
+		GetProtector{VMID: "0123"}, Protector{Data: []byte(`{"version":1}`)}, PutProtector{VMID: "0123", Data: []byte(`{"version":1}`)},
+		KeyStatus{}, KeyStatus{Err: "guardian unreachable"},
 	}
 }
 
@@ -47,7 +51,7 @@ func TestMalformed(t *testing.T) {
 	key, err := Marshal(Messages()[0])
 	require.NoError(t, err)
 	for _, b := range [][]byte{{}, {0}, {99}, key[4 : len(key)-1], append(append([]byte(nil), key[4:]...), 0), {byte(TypeAck), 1}, {byte(TypePut), 'V'}, {byte(TypeReady), 0},
-		{byte(TypeStats), 0, 1, 0, 0, 1, 0x7b, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 1, 65}, {byte(TypeStats), 0, 2}} {
+		{byte(TypeStats), 0, 1, 0, 0, 1, 0x7b, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 1, 65}, {byte(TypeStats), 0, 2}, {byte(TypeStats), 0, 0}, {byte(TypeStats), 0, 0, 0, 1, 0, 2, 'o', 'k'}, {byte(TypeGuardian), 0, 1, 'v'}, {byte(TypePutProtector), 0}} {
 		_, err := DecodeMessage(b)
 		assert.ErrorIs(t, err, ErrMalformed, "%x", b)
 	}

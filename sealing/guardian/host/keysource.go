@@ -25,17 +25,53 @@ type KeySource struct {
 	Host string
 	// Prover makes the host's evidence.
 	Prover Prover
-	// ProtectorPath names the file holding a VM's protector.
+	// ProtectorPath names the file holding a VM's protector, unless
+	// Protectors is set.
 	ProtectorPath func(vmID string) string
+	// Protectors, if set, keeps the protectors instead of files (the
+	// state store of `vtpmd serve`, through its supervisor).
+	Protectors Protectors
 	// StartDeadline bounds one VM's key (DefaultStartDeadline when zero).
 	StartDeadline time.Duration
 	// Log, if set, receives one line per attestation, release and new
 	// protector; it names the VM (one KeySource serves one VM's process).
 	Log *slog.Logger
+	// Observe, if set, is told of every call to the guardian: its op
+	// ("nonce", "attest", "release" or "keys") and its error (nil: ok).
+	Observe func(op string, err error)
 
 	mu   sync.Mutex
 	cert *certificate // the cached health certificate, if any
 }
+
+// Protectors keeps the VMs' key protectors. A protector is no secret
+// (worthless without the guardian).
+type Protectors interface {
+	// ReadProtector returns the VM's protector, or an error wrapping
+	// fs.ErrNotExist if it has none.
+	ReadProtector(vmID string) ([]byte, error)
+	// CreateProtector stores the VM's protector durably, only if it has
+	// none (else an error wrapping fs.ErrExist).
+	CreateProtector(vmID string, p []byte) error
+	// Where says where the VM's protector is kept, for messages.
+	Where(vmID string) string
+}
+
+// protectorFiles keeps each protector in a file of its own.
+type protectorFiles func(vmID string) string
+
+func (f protectorFiles) ReadProtector(vmID string) ([]byte, error) {
+	return readFile(f(vmID), maxProtectorSize, false)
+}
+
+func (f protectorFiles) CreateProtector(vmID string, p []byte) error {
+	return createFile(f(vmID), p)
+}
+
+func (f protectorFiles) Where(vmID string) string { return f(vmID) }
+
+// maxProtectorSize bounds a protector read.
+const maxProtectorSize = 64 << 10
 
 // certificate is a health certificate and the transport key it was issued
 // for.
@@ -92,13 +128,13 @@ func (s *KeySource) StartKey(ctx context.Context, vmID string, stored bool) (*se
 }
 
 func (s *KeySource) startKey(ctx context.Context, vmID string, stored bool) (*sealing.Key, error) {
-	path := s.ProtectorPath(vmID)
-	protector, err := readProtector(path)
+	store := s.protectors()
+	protector, err := readProtector(store, vmID)
 	switch {
 	case errors.Is(err, fs.ErrNotExist) && stored:
-		return nil, fmt.Errorf("the VM has state but its key protector %s is missing: restore it (a new key would not open the state)", path)
+		return nil, fmt.Errorf("the VM has state but its key protector %s is missing: restore it (a new key would not open the state)", store.Where(vmID))
 	case errors.Is(err, fs.ErrNotExist):
-		if protector, err = s.newProtector(ctx, vmID, path); err != nil {
+		if protector, err = s.newProtector(ctx, vmID, store); err != nil {
 			return nil, err
 		}
 	case err != nil:
@@ -109,6 +145,7 @@ func (s *KeySource) startKey(ctx context.Context, vmID string, stored bool) (*se
 		return nil, err
 	}
 	resp, err := s.Client.Release(ctx, &guardian.ReleaseRequest{VMID: vmID, Protector: protector, Certificate: cert.encoded})
+	s.observe("release", err)
 	if code := guardian.CodeOf(err); code == guardian.CodeCertExpired || code == guardian.CodeCertInvalid {
 		s.forget(cert) // the next start attests again
 	}
@@ -127,8 +164,9 @@ func (s *KeySource) startKey(ctx context.Context, vmID string, stored bool) (*se
 // newProtector wraps a fresh key to the guardian and stores the protector
 // durably before the key is used: a key whose protector could be lost
 // would seal state that nothing can open.
-func (s *KeySource) newProtector(ctx context.Context, vmID, path string) (*guardian.Protector, error) {
+func (s *KeySource) newProtector(ctx context.Context, vmID string, store Protectors) (*guardian.Protector, error) {
 	keys, err := s.Client.Keys(ctx)
+	s.observe("keys", err)
 	if err != nil {
 		return nil, fmt.Errorf("fetch the guardian's public key: %w", err)
 	}
@@ -145,14 +183,14 @@ func (s *KeySource) newProtector(ctx context.Context, vmID, path string) (*guard
 	if err != nil {
 		return nil, err
 	}
-	if err := createFile(path, b); err != nil {
+	if err := store.CreateProtector(vmID, b); err != nil {
 		if errors.Is(err, fs.ErrExist) {
 			// Another start made one first: use it, never ours.
-			return readProtector(path)
+			return readProtector(store, vmID)
 		}
 		return nil, fmt.Errorf("store the key protector: %w", err)
 	}
-	s.logInfo("new key protector", "path", path, "guardian", keys.Name)
+	s.logInfo("new key protector", "stored", store.Where(vmID), "guardian", keys.Name)
 	return p, nil
 }
 
@@ -170,6 +208,7 @@ func (s *KeySource) certificate(ctx context.Context) (*certificate, error) {
 		return nil, err
 	}
 	nonce, err := s.Client.Nonce(ctx, s.Host)
+	s.observe("nonce", err)
 	if err != nil {
 		return nil, fmt.Errorf("attest: %w", err)
 	}
@@ -179,6 +218,7 @@ func (s *KeySource) certificate(ctx context.Context) (*certificate, error) {
 	}
 	req.Host = s.Host
 	resp, err := s.Client.Attest(ctx, req)
+	s.observe("attest", err)
 	if err != nil {
 		return nil, fmt.Errorf("attest: %w", err)
 	}
@@ -194,6 +234,20 @@ func (s *KeySource) forget(c *certificate) {
 	if s.cert == c {
 		s.cert = nil
 	}
+}
+
+func (s *KeySource) observe(op string, err error) {
+	if s.Observe != nil {
+		s.Observe(op, err)
+	}
+}
+
+// protectors is where the protectors are kept.
+func (s *KeySource) protectors() Protectors {
+	if s.Protectors != nil {
+		return s.Protectors
+	}
+	return protectorFiles(s.ProtectorPath)
 }
 
 func (s *KeySource) logInfo(msg string, args ...any) {
@@ -226,9 +280,9 @@ func describe(err error) error {
 }
 
 // readProtector reads a VM's protector. It is no secret (worthless without
-// the guardian), so its mode is not checked.
-func readProtector(path string) (*guardian.Protector, error) {
-	b, err := readFile(path, 64<<10, false)
+// the guardian), so a file's mode is not checked.
+func readProtector(store Protectors, vmID string) (*guardian.Protector, error) {
+	b, err := store.ReadProtector(vmID)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, err
 	}
@@ -237,7 +291,7 @@ func readProtector(path string) (*guardian.Protector, error) {
 	}
 	p, err := guardian.ParseProtector(b)
 	if err != nil {
-		return nil, fmt.Errorf("read key protector %s: %w", path, err)
+		return nil, fmt.Errorf("read key protector %s: %w", store.Where(vmID), err)
 	}
 	return p, nil
 }
