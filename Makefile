@@ -9,7 +9,7 @@ BUILD_PACKAGES = gcc libssl-dev
 TEST_PACKAGES = $(BUILD_PACKAGES) qemu-system-x86 seabios ovmf \
 	swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0 \
 	busybox-static cpio socat xz-utils \
-	libvirt-daemon-system libvirt-clients
+	libvirt-daemon-system libvirt-clients etcd-server
 
 .PHONY: build run deps build-deps test lint bench fuzz install uninstall
 

@@ -19,6 +19,10 @@ import (
 // be checked against the real swtpm too.
 var daemonPath string
 
+// guardianPath is vtpmd-guardian, built by TestMain beside vtpmd (not with
+// VTPMD_TEST_PEER=swtpm: the guardian is vtpmd's own).
+var guardianPath string
+
 func TestMain(m *testing.M) {
 	os.Exit(runTests(m))
 }
@@ -47,6 +51,14 @@ func runTests(m *testing.M) int {
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	if err := build.Run(); err != nil {
 		fmt.Fprintln(os.Stderr, "build vtpmd:", err)
+		return 1
+	}
+	// Beside vtpmd, where `vtpmd guardian` looks for it.
+	guardianPath = filepath.Join(dir, "vtpmd-guardian")
+	build = exec.Command("go", "build", "-o", guardianPath, "../vtpmd-guardian")
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "build vtpmd-guardian:", err)
 		return 1
 	}
 	return m.Run()

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,7 +15,6 @@ import (
 
 	"github.com/vtpmd/vtpmd/internal/measuredboot"
 	"github.com/vtpmd/vtpmd/sealing/guardian"
-	"github.com/vtpmd/vtpmd/sealing/guardian/host"
 	"github.com/vtpmd/vtpmd/sealing/guardian/host/guardiantest"
 )
 
@@ -24,11 +22,17 @@ import (
 // `vtpmd host identity` prints.
 func register(t *testing.T, g *guardiantest.Guardian, name, group, config string) {
 	t.Helper()
+	g.Register(t, name, group, hostIdentity(t, config))
+}
+
+// hostIdentity is what `vtpmd host identity` prints for config.
+func hostIdentity(t *testing.T, config string) *guardian.HostIdentity {
+	t.Helper()
 	out, err := exec.Command(daemonPath, "host", "identity", "--config", config).Output()
 	require.NoError(t, err, "vtpmd host identity")
 	id, err := guardian.DecodeHostIdentity(bytes.NewReader(out))
 	require.NoError(t, err, "%s", out)
-	g.Register(t, name, group, id)
+	return id
 }
 
 // bootedHostTPM is a host's TPM: a vtpmd instance (started, as a host's
@@ -36,21 +40,10 @@ func register(t *testing.T, g *guardiantest.Guardian, name, group, config string
 // log. It returns the host_tpm and event_log config fields.
 func bootedHostTPM(t *testing.T, boot []measuredboot.Event) string {
 	t.Helper()
-	tpm := startSocketTPM(t, "", "not-need-init,startup-clear", "")
-	// The socket file appears at bind(), a moment before listen().
-	var rw io.ReadWriteCloser
-	var err error
-	require.Eventually(t, func() bool {
-		rw, err = host.OpenTPM("unix:" + tpm.data)()
-		return err == nil
-	}, 10*time.Second, 10*time.Millisecond, "connect to the host TPM")
-	require.NoError(t, measuredboot.Replay(rw, boot))
-	require.NoError(t, rw.Close())
-	log, err := measuredboot.Encode(boot)
+	tpm, err := guardiantest.StartHostTPM(daemonPath, sockDir(t), nil, boot)
 	require.NoError(t, err)
-	logPath := filepath.Join(tpm.dir, "binary_bios_measurements")
-	require.NoError(t, os.WriteFile(logPath, log, 0o644))
-	return fmt.Sprintf(`,"host_tpm":%q,"event_log":%q`, "unix:"+tpm.data, logPath)
+	t.Cleanup(tpm.Stop)
+	return tpm.ConfigFields()
 }
 
 // guardedVM is a VM's `vtpmd socket` with a guardian config, as libvirt

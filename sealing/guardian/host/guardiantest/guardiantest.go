@@ -1,13 +1,14 @@
-// Package guardiantest runs a real guardian replica (sealing/guardian/server
-// on a local store) over HTTPS, for the tests of hosts: the host package's
-// and vtpmd's end-to-end tests. It can go down and come back on the same
-// address, as a replica does.
+// Package guardiantest runs guardians for the tests of hosts (the host
+// package's and vtpmd's end-to-end tests) and for the benchmark: a replica
+// in process (sealing/guardian/server on a local store) over HTTPS, which
+// can go down and come back on the same address; or real processes, the
+// vtpmd-guardian binary's replicas on its local store or on a cluster of
+// Debian's etcd, with a vtpmd instance as a host's TPM.
 package guardiantest
 
 import (
 	"context"
 	"crypto/tls"
-	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
@@ -89,7 +90,7 @@ func (g *Guardian) Down(t testing.TB) {
 // ConfigJSON is a host's guardian config for this guardian: the host name,
 // a 3 s start deadline, 1 s attempts, and more fields (",..." or "").
 func (g *Guardian) ConfigJSON(name, more string) string {
-	return fmt.Sprintf(`{"urls":[%q],"ca_file":%q,"host":%q,"start_deadline":"3s","attempt_timeout":"1s"%s}`, g.URL, g.CAFile, name, more)
+	return hostConfig([]string{g.URL}, g.CAFile, name, 3*time.Second, more)
 }
 
 // Config is ConfigJSON parsed.
