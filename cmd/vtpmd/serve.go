@@ -28,7 +28,7 @@ running VM TPM. Options (each overrides the config file, which overrides
 the defaults):
 --config <file>     JSON config file: {"state_dir", "run_dir", "admin_socket",
                     "host_key", "log_level", "worker_user", "metrics_listen",
-                    "socket_group"}
+                    "socket_group", "guardian_config"}
 --state-dir <dir>   the state store (default /var/lib/vtpmd/serve for root,
                     $XDG_DATA_HOME/vtpmd/serve otherwise)
 --run-dir <dir>     the sockets (default /run/vtpmd, $XDG_RUNTIME_DIR/vtpmd)
@@ -42,6 +42,11 @@ the defaults):
                     admin socket always serves them
 --socket-group <group> the VMs' sockets are 0660 of this group (and the run
                     dir 0750), for a QEMU of another user (libvirt's)
+--guardian-config <file>
+                    the VMs' state keys come from the guardian this host
+                    config names (default $VTPMD_GUARDIAN_CONFIG, else
+                    /etc/vtpmd/guardian.json if it exists): each worker
+                    attests and obtains its VM's key when the TPM starts
 `
 
 const ctlUsage = `Usage: vtpmd ctl [--admin <socket>] [--json] <command> [args]
@@ -92,7 +97,7 @@ func runServe(args []string, stdout io.Writer) error {
 		{long: "log-file", takesValue: true, set: setString(&logFile)},
 		{long: "help", short: "h", set: setBool(&help)},
 	}
-	for _, name := range []string{"state-dir", "run-dir", "admin", "log-level", "worker-user", "metrics-listen", "socket-group"} {
+	for _, name := range []string{"state-dir", "run-dir", "admin", "log-level", "worker-user", "metrics-listen", "socket-group", "guardian-config"} {
 		v := new(string)
 		flags[name] = v
 		specs = append(specs, flagSpec{long: name, takesValue: true, set: func(s string) error {
@@ -110,23 +115,22 @@ func runServe(args []string, stdout io.Writer) error {
 		fmt.Fprint(stdout, serveUsage)
 		return nil
 	}
-	// Keys from the guardian would have to be obtained in each VM's worker,
-	// which serve does not do yet; it must not fall back to the host key.
-	if path, err := guardianConfig(""); err != nil {
-		return fmt.Errorf("serve: %w", err)
-	} else if path != "" {
-		return fmt.Errorf("serve: a guardian is configured (%s), and vtpmd serve does not obtain state keys from the guardian yet: serve guardian-protected VMs with vtpmd socket (as libvirt's swtpm)", path)
-	}
 	if configFile != "" {
 		if err := cfg.LoadConfig(configFile); err != nil {
 			return err
 		}
 	}
 	for name, field := range map[string]*string{"state-dir": &cfg.StateDir, "run-dir": &cfg.RunDir, "admin": &cfg.Admin, "log-level": &cfg.LogLevel,
-		"worker-user": &cfg.WorkerUser, "metrics-listen": &cfg.MetricsListen, "socket-group": &cfg.SocketGroup} {
+		"worker-user": &cfg.WorkerUser, "metrics-listen": &cfg.MetricsListen, "socket-group": &cfg.SocketGroup,
+		"guardian-config": &cfg.GuardianConfig} {
 		if v := *flags[name]; v != "" {
 			*field = v
 		}
+	}
+	// The flag or config file, else the environment or the default file,
+	// as in `vtpmd socket`.
+	if cfg.GuardianConfig, err = guardianConfig(cfg.GuardianConfig); err != nil {
+		return fmt.Errorf("serve: %w", err)
 	}
 	for _, p := range []*string{&cfg.StateDir, &cfg.RunDir, &cfg.HostKey} {
 		if *p, err = filepath.Abs(*p); err != nil {
@@ -423,6 +427,9 @@ func printStatus(w io.Writer, st serve.Status) {
 	}
 	if st.LastExit != "" {
 		fmt.Fprintf(tw, "last exit:\t%s\n", st.LastExit)
+	}
+	if st.Guardian != "" {
+		fmt.Fprintf(tw, "guardian:\t%s\n", st.Guardian)
 	}
 	fmt.Fprintf(tw, "QEMU arguments:\t%s\n", strings.Join(st.QEMUArgs, " "))
 	tw.Flush()

@@ -1,6 +1,8 @@
 package metrics
 
 import (
+	"errors"
+	"fmt"
 	"testing"
 	"time"
 
@@ -9,6 +11,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/vtpmd/vtpmd/internal/workerproto"
+	"github.com/vtpmd/vtpmd/sealing/guardian"
 )
 
 func command(cc uint32) []byte {
@@ -68,4 +71,28 @@ func BenchmarkObserve(b *testing.B) {
 		start := time.Now()
 		c.Observe(CommandCode(cmd), time.Since(start))
 	}
+}
+
+// Guardian calls are counted by op and result: ok, the refusal's code, or
+// unreachable; anything else is "other".
+func TestGuardianCalls(t *testing.T) {
+	var g GuardianCalls
+	assert.Empty(t, g.Stats())
+	g.Observe("nonce", nil)
+	g.Observe("release", nil)
+	g.Observe("release", nil)
+	g.Observe("attest", fmt.Errorf("attest: %w", guardian.Errorf(guardian.CodeBaselineMismatch, "PCR 0")))
+	g.Observe("release", &guardian.UnreachableError{Op: "POST /v1/release"})
+	g.Observe("keys", &guardian.Error{Code: "made_up"})
+	g.Observe("keys", errors.New("marshal"))
+	assert.Equal(t, []workerproto.GuardianCalls{
+		{Op: "attest", Result: "baseline_mismatch", Count: 1},
+		{Op: "keys", Result: "other", Count: 2},
+		{Op: "nonce", Result: "ok", Count: 1},
+		{Op: "release", Result: "ok", Count: 2},
+		{Op: "release", Result: "unreachable", Count: 1},
+	}, g.Stats())
+	assert.True(t, ValidGuardianCall("release", "wrong_vm"))
+	assert.False(t, ValidGuardianCall("release", "made_up"))
+	assert.False(t, ValidGuardianCall("dance", "ok"))
 }

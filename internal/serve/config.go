@@ -11,6 +11,9 @@ import (
 	"regexp"
 	"strconv"
 	"syscall"
+
+	"github.com/vtpmd/vtpmd/sealing/guardian"
+	"github.com/vtpmd/vtpmd/sealing/guardian/host"
 )
 
 // Config configures a Supervisor. The command line fills it from the
@@ -42,6 +45,11 @@ type Config struct {
 	// that runs as another user of that group (libvirt's qemu user). The
 	// admin socket stays 0600.
 	SocketGroup string `json:"socket_group"`
+	// GuardianConfig, if set, is the host's guardian configuration file
+	// (see package host): each VM's state key is then released by the
+	// guardian to the VM's worker when its TPM starts, never derived from
+	// the host key, and never seen by the supervisor.
+	GuardianConfig string `json:"guardian_config"`
 
 	// Executable is the vtpmd binary the workers run ("" is this one).
 	Executable string `json:"-"`
@@ -125,6 +133,24 @@ func (c *Config) socketGID() (int, error) {
 		return 0, fmt.Errorf("socket group %q: gid %q", c.SocketGroup, g.Gid)
 	}
 	return gid, nil
+}
+
+// guardian reads GuardianConfig into what the workers are given: the
+// configuration, checked, its defaults and paths filled in (JSON); nil
+// without a guardian. In host-key mode the host key defaults to
+// guardian-host.key beside the host-local key, as in `vtpmd socket`.
+func (c *Config) guardian() ([]byte, error) {
+	if c.GuardianConfig == "" {
+		return nil, nil
+	}
+	g, err := host.LoadConfig(c.GuardianConfig)
+	if err != nil {
+		return nil, err
+	}
+	if g.Mode == guardian.ModeHostKey && g.HostKeyFile == "" {
+		g.HostKeyFile = filepath.Join(filepath.Dir(c.HostKey), "guardian-host.key")
+	}
+	return json.Marshal(g)
 }
 
 // nameRE is what a VM name may be: it becomes a file name in RunDir.

@@ -27,6 +27,9 @@ var (
 	descRestarts = prometheus.NewDesc("vtpmd_worker_restarts_total",
 		"Workers of the VM that ended and were replaced since the VM was started: crashes, kills, and the fresh worker after QEMU's CMD_SHUTDOWN.",
 		[]string{"vm"}, nil)
+	descGuardian = prometheus.NewDesc("vtpmd_guardian_calls_total",
+		"Calls of the VM's worker to the guardian, by op (nonce, attest, release, keys) and result (ok, the refusal code, or unreachable); reset when the worker restarts.",
+		[]string{"vm", "op", "result"}, nil)
 	descSyncs = prometheus.NewDesc("vtpmd_state_wal_syncs_total",
 		"Syncs of the state store's write-ahead log: concurrent state commits share one, so commits per sync is the group commit's batch size.",
 		nil, nil)
@@ -64,7 +67,7 @@ func (p slogPrinter) Println(v ...any) { p.s.log.Warn("metrics", "err", v) }
 type vmCollector struct{ s *Supervisor }
 
 func (vmCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descCommand, descUp, descRestarts, descSyncs} {
+	for _, d := range []*prometheus.Desc{descCommand, descUp, descRestarts, descGuardian, descSyncs} {
 		ch <- d
 	}
 }
@@ -111,6 +114,16 @@ func (r *vmRun) collect(ch chan<- prometheus.Metric) {
 			continue
 		}
 		ch <- prometheus.MustNewConstHistogram(descCommand, cs.Count, time.Duration(cs.Nanos).Seconds(), buckets, name, metrics.CommandName(cs.Code))
+	}
+	seen := map[workerproto.GuardianCalls]bool{}
+	for _, g := range st.Guardian {
+		key := workerproto.GuardianCalls{Op: g.Op, Result: g.Result}
+		if !metrics.ValidGuardianCall(g.Op, g.Result) || seen[key] {
+			r.log.Warn("the worker reported guardian calls of unknown labels, or twice; left out", "op", g.Op, "result", g.Result)
+			continue
+		}
+		seen[key] = true
+		ch <- prometheus.MustNewConstMetric(descGuardian, prometheus.CounterValue, float64(g.Count), name, g.Op, g.Result)
 	}
 }
 

@@ -38,14 +38,17 @@ var (
 // Supervisor is `vtpmd serve`: the one state store, the registry of VMs,
 // a worker process per running VM, and the admin API.
 type Supervisor struct {
-	cfg     Config
-	log     *slog.Logger
-	store   *state.Store
-	keys    sealing.KeySource
-	witness *vmstate.Witness
-	spawn   *spawner
-	exe     string
-	cred    *syscall.Credential
+	cfg   Config
+	log   *slog.Logger
+	store *state.Store
+	keys  sealing.KeySource // nil with a guardian
+	// guardian is the host's guardian config handed to every worker (JSON,
+	// paths absolute), nil without a guardian.
+	guardian []byte
+	witness  *vmstate.Witness
+	spawn    *spawner
+	exe      string
+	cred     *syscall.Credential
 	// sockMode and sockGID are the VMs' sockets' mode and group.
 	sockMode os.FileMode
 	sockGID  int
@@ -138,6 +141,10 @@ func Open(cfg Config) (*Supervisor, error) {
 			return nil, fmt.Errorf("serve: %w", err)
 		}
 	}
+	guardianConfig, err := cfg.guardian()
+	if err != nil {
+		return nil, fmt.Errorf("serve: %w", err)
+	}
 	spawn, err := newSpawner()
 	if err != nil {
 		return nil, err
@@ -147,19 +154,22 @@ func Open(cfg Config) (*Supervisor, error) {
 		return nil, err
 	}
 	s := &Supervisor{
-		cfg:     cfg,
-		log:     cfg.Log,
-		store:   store,
-		keys:    &sealing.HostKey{Path: cfg.HostKey},
-		witness: &vmstate.Witness{Dir: filepath.Join(filepath.Dir(cfg.HostKey), "generations")},
-		spawn:   spawn,
-		exe:     exe,
-		cred:    cred,
+		cfg:      cfg,
+		log:      cfg.Log,
+		store:    store,
+		guardian: guardianConfig,
+		witness:  &vmstate.Witness{Dir: filepath.Join(filepath.Dir(cfg.HostKey), "generations")},
+		spawn:    spawn,
+		exe:      exe,
+		cred:     cred,
 
 		sockMode: sockMode,
 		sockGID:  gid,
 		runs:     map[string]*vmRun{},
 		names:    map[string]*nameLock{},
+	}
+	if guardianConfig == nil {
+		s.keys = &sealing.HostKey{Path: cfg.HostKey}
 	}
 	s.registry = s.newRegistry()
 	return s, nil
@@ -288,6 +298,9 @@ type Status struct {
 	Restarts int `json:"restarts"`
 	// LastExit says how the last worker ended.
 	LastExit string `json:"last_exit,omitempty"`
+	// Guardian, with a guardian, says how the worker's last attempt to
+	// obtain the state key went ("" before its TPM's start).
+	Guardian string `json:"guardian,omitempty"`
 	// QEMUArgs are the QEMU arguments for the VM's TPM.
 	QEMUArgs []string `json:"qemu_args"`
 }
@@ -310,7 +323,7 @@ func (s *Supervisor) statusLocked(vm *state.VM) Status {
 	}
 	if r := s.runs[vm.Name]; r != nil {
 		r.mu.Lock()
-		st.State, st.PID, st.Restarts, st.LastExit = r.phase, r.pid, r.restarts, r.lastExit
+		st.State, st.PID, st.Restarts, st.LastExit, st.Guardian = r.phase, r.pid, r.restarts, r.lastExit, r.keyStatus
 		r.mu.Unlock()
 	}
 	return st
@@ -483,7 +496,11 @@ func (s *Supervisor) Start(name string) (Status, error) {
 	case <-r.firstEnd:
 		st, err := s.VM(name)
 		if err == nil {
-			err = fmt.Errorf("the worker of VM %q did not start (%s); the supervisor keeps trying until the VM is stopped", name, st.LastExit)
+			why := st.LastExit
+			if st.Guardian != "" {
+				why += "; " + st.Guardian
+			}
+			err = fmt.Errorf("the worker of VM %q did not start (%s); the supervisor keeps trying until the VM is stopped", name, why)
 		}
 		return st, err
 	case <-r.done:
@@ -540,9 +557,12 @@ func (s *Supervisor) Delete(name string) error {
 // startRun opens the VM's sockets and starts its run.
 func (s *Supervisor) startRun(vm *state.VM) error {
 	log := s.log.With("vm", vm.Name)
-	key, err := s.keys.StateKey(context.Background(), vm.ID)
-	if err != nil {
-		return err
+	var key *sealing.Key // nil with a guardian: the worker obtains it
+	var err error
+	if s.keys != nil {
+		if key, err = s.keys.StateKey(context.Background(), vm.ID); err != nil {
+			return err
+		}
 	}
 	var lastGen uint64
 	switch rec, err := s.store.Get(vm.ID); {

@@ -16,6 +16,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/internal/workerproto"
 	"github.com/vtpmd/vtpmd/sealing"
+	"github.com/vtpmd/vtpmd/sealing/guardian"
 	"github.com/vtpmd/vtpmd/state"
 )
 
@@ -39,7 +40,7 @@ type vmRun struct {
 	s          *Supervisor
 	vm         state.VM
 	log        *slog.Logger
-	key        *sealing.Key
+	key        *sealing.Key // nil with a guardian
 	ctrl, data *net.UnixListener
 	// vsockCtrl and vsockData are the listening vsock sockets, or nil.
 	vsockCtrl, vsockData *os.File
@@ -60,7 +61,10 @@ type vmRun struct {
 	pid      int
 	restarts int
 	lastExit string
-	conn     net.Conn // the channel to the serving worker, nil if none
+	// keyStatus says how the worker's last attempt to obtain the key from
+	// the guardian went.
+	keyStatus string
+	conn      net.Conn // the channel to the serving worker, nil if none
 
 	wmu     sync.Mutex // one frame at a time to the worker
 	statsMu sync.Mutex // one scrape at a time
@@ -244,7 +248,9 @@ func (r *vmRun) runWorker() (int, error) {
 		return 0, fmt.Errorf("start worker: %w", err)
 	}
 	pid := cmd.Process.Pid
-	r.setPhase("starting", pid)
+	r.mu.Lock()
+	r.phase, r.pid, r.keyStatus = "starting", pid, ""
+	r.mu.Unlock()
 	r.log.Info("worker started", "pid", pid)
 
 	exited := make(chan struct{})
@@ -285,12 +291,18 @@ func closeFiles(files []*os.File) {
 	}
 }
 
-// converse hands the worker its key and then answers its requests until
-// the worker goes. An error is a protocol violation.
+// converse hands the worker its key (or the guardian's config) and then
+// answers its requests until the worker goes. An error is a protocol
+// violation.
 func (r *vmRun) converse(conn net.Conn, pid int) error {
-	secret := r.key.Secret()
-	err := r.write(conn, workerproto.Key{VMID: r.vm.ID, KeyID: r.key.ID, Secret: secret})
-	clear(secret)
+	var err error
+	if r.key == nil {
+		err = r.write(conn, workerproto.Guardian{VMID: r.vm.ID, Config: r.s.guardian})
+	} else {
+		secret := r.key.Secret()
+		err = r.write(conn, workerproto.Key{VMID: r.vm.ID, KeyID: r.key.ID, Secret: secret})
+		clear(secret)
+	}
 	if err != nil {
 		return nil // the worker is already gone; Wait says why
 	}
@@ -321,10 +333,17 @@ func (r *vmRun) converse(conn net.Conn, pid int) error {
 			default: // nobody asked: drop it
 			}
 			continue
+		case workerproto.KeyStatus:
+			r.setKeyStatus(m)
+			continue
 		case workerproto.Get:
 			reply = r.get(m)
 		case workerproto.Put:
 			reply = r.put(m)
+		case workerproto.GetProtector:
+			reply = r.getProtector(m)
+		case workerproto.PutProtector:
+			reply = r.putProtector(m)
 		default:
 			return fmt.Errorf("unexpected message of type %d", m.Type())
 		}
@@ -380,6 +399,80 @@ func (r *vmRun) put(m workerproto.Put) workerproto.Message {
 	}
 	r.s.commits.Observe(time.Since(start).Seconds())
 	return workerproto.Ack{Generation: rec.Generation}
+}
+
+// setKeyStatus records how the worker's attempt to obtain the key went.
+func (r *vmRun) setKeyStatus(m workerproto.KeyStatus) {
+	status := "state key released by the guardian"
+	if m.Err != "" {
+		status = "state key not released: " + m.Err
+	}
+	r.mu.Lock()
+	r.keyStatus = status
+	r.mu.Unlock()
+}
+
+// getProtector answers the worker's GetProtector: its own VM's only, and
+// only with a guardian.
+func (r *vmRun) getProtector(m workerproto.GetProtector) workerproto.Message {
+	if msg := r.checkProtectorRequest(m.VMID); msg != nil {
+		return msg
+	}
+	p, err := r.s.store.GetProtector(r.vm.ID)
+	if errors.Is(err, state.ErrNotFound) {
+		return workerproto.NotFound{}
+	}
+	if err != nil {
+		r.log.Error("key protector not read", "err", err)
+		return workerproto.Error{Message: err.Error()}
+	}
+	return workerproto.Protector{Data: p}
+}
+
+// putProtector stores the worker's new key protector durably: one of its
+// own VM, made before the VM has state (a new key would open no stored
+// state), and never over an existing one, which is sent back instead.
+func (r *vmRun) putProtector(m workerproto.PutProtector) workerproto.Message {
+	if msg := r.checkProtectorRequest(m.VMID); msg != nil {
+		return msg
+	}
+	p, err := guardian.ParseProtector(m.Data)
+	switch {
+	case err != nil:
+		r.log.Error("worker sent a key protector that does not parse; refused", "err", err)
+		return workerproto.Error{Message: err.Error()}
+	case p.VMID != r.vm.ID:
+		r.log.Error("worker sent another VM's key protector; refused", "protector_vm", p.VMID)
+		return workerproto.Error{Message: "the protector is not of this worker's VM"}
+	}
+	if _, err := r.s.store.Get(r.vm.ID); !errors.Is(err, state.ErrNotFound) {
+		r.log.Error("worker sent a new key protector for a VM with state; refused")
+		return workerproto.Error{Message: "the VM has state: a new key would not open it"}
+	}
+	err = r.s.store.CreateProtector(r.vm.ID, m.Data)
+	if errors.Is(err, state.ErrProtectorExists) {
+		return r.getProtector(workerproto.GetProtector{VMID: r.vm.ID})
+	}
+	if err != nil {
+		r.log.Error("key protector not stored", "err", err)
+		return workerproto.Error{Message: err.Error()}
+	}
+	r.log.Info("new key protector stored")
+	return workerproto.Ack{}
+}
+
+// checkProtectorRequest refuses a protector request for another VM, or
+// without a guardian; nil lets it through.
+func (r *vmRun) checkProtectorRequest(vmID string) workerproto.Message {
+	switch {
+	case r.key != nil:
+		r.log.Error("worker asked for a key protector without a guardian; refused")
+		return workerproto.Error{Message: "no guardian: the VM has no key protector"}
+	case vmID != r.vm.ID:
+		r.log.Error("worker asked for another VM's key protector; refused", "asked", vmID)
+		return workerproto.Error{Message: "not this worker's VM"}
+	}
+	return nil
 }
 
 // spawner starts the workers from one OS thread that it never gives up:

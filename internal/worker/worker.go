@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"os"
@@ -16,6 +17,7 @@ import (
 	"github.com/vtpmd/vtpmd/internal/vmstate"
 	"github.com/vtpmd/vtpmd/internal/workerproto"
 	"github.com/vtpmd/vtpmd/sealing"
+	"github.com/vtpmd/vtpmd/sealing/guardian/host"
 	"github.com/vtpmd/vtpmd/state"
 	"github.com/vtpmd/vtpmd/transport"
 	"github.com/vtpmd/vtpmd/vtpm"
@@ -56,22 +58,26 @@ func Run(ctx context.Context, c Config) error {
 	if err != nil {
 		return fmt.Errorf("read the VM's key: %w", err)
 	}
-	keyMsg, ok := msg.(workerproto.Key)
-	if !ok {
-		return fmt.Errorf("the supervisor sent a message of type %d before the key", msg.Type())
+	var cmds metrics.Commands
+	var calls metrics.GuardianCalls
+	records := newRemote(ch, &cmds, &calls)
+	sealed := &vmstate.Sealed{Store: records}
+	switch m := msg.(type) {
+	case workerproto.Key:
+		sealed.VMID = m.VMID
+		sealed.Key, err = sealing.NewKey(m.KeyID, m.Secret)
+		clear(m.Secret)
+	case workerproto.Guardian:
+		sealed.VMID = m.VMID
+		sealed.StartKey, err = guardianKey(ctx, m, records, &calls, log)
+	default:
+		err = fmt.Errorf("the supervisor sent a message of type %d before the key", msg.Type())
 	}
-	key, err := sealing.NewKey(keyMsg.KeyID, keyMsg.Secret)
-	clear(keyMsg.Secret)
 	if err != nil {
 		return err
 	}
-	var cmds metrics.Commands
-	records := newRemote(ch, &cmds)
 	go records.read()
-	dev, err := vtpm.Open(vtpm.Config{
-		Store:  &vmstate.Sealed{Store: records, Key: key, VMID: keyMsg.VMID},
-		Logger: log,
-	})
+	dev, err := vtpm.Open(vtpm.Config{Store: sealed, Logger: log})
 	if err != nil {
 		return err
 	}
@@ -200,8 +206,36 @@ func (m metered) Execute(ctx context.Context, cmd []byte) []byte {
 	return resp
 }
 
+// guardianKey is the StartKey of a VM whose key the guardian releases: at
+// each attempt the worker attests (with a transport key of its own) and
+// asks for the key's release, and tells the supervisor how it went. The
+// key protector is kept by the supervisor, in the state store.
+func guardianKey(ctx context.Context, m workerproto.Guardian, records *remote, calls *metrics.GuardianCalls, log *slog.Logger) (func(stored bool) (*sealing.Key, error), error) {
+	config, err := host.ParseConfig(m.Config, "/")
+	if err != nil {
+		return nil, err
+	}
+	keys, err := host.NewKeySource(config, "", nil, log)
+	if err != nil {
+		return nil, err
+	}
+	keys.Protectors = records
+	keys.Observe = calls.Observe
+	return func(stored bool) (*sealing.Key, error) {
+		key, err := keys.StartKey(ctx, m.VMID, stored)
+		status := workerproto.KeyStatus{}
+		if err != nil { // the TPM's start fails, and says why in the log
+			status.Err = err.Error()
+		}
+		if serr := records.send(status); serr != nil && err == nil {
+			err = serr
+		}
+		return key, err
+	}, nil
+}
+
 // remote is the record store of a worker: the supervisor, asked over the
-// socketpair. It implements vmstate.Records.
+// socketpair. It implements vmstate.Records and host.Protectors.
 type remote struct {
 	w       io.Writer
 	r       io.Reader
@@ -211,10 +245,11 @@ type remote struct {
 	closed  chan struct{}
 	readErr error
 	cmds    *metrics.Commands
+	calls   *metrics.GuardianCalls
 }
 
-func newRemote(ch net.Conn, cmds *metrics.Commands) *remote {
-	return &remote{w: ch, r: ch, replies: make(chan workerproto.Message, 1), closed: make(chan struct{}), cmds: cmds}
+func newRemote(ch net.Conn, cmds *metrics.Commands, calls *metrics.GuardianCalls) *remote {
+	return &remote{w: ch, r: ch, replies: make(chan workerproto.Message, 1), closed: make(chan struct{}), cmds: cmds, calls: calls}
 }
 
 // read passes the supervisor's replies on until the channel closes.
@@ -227,7 +262,9 @@ func (r *remote) read() {
 			return
 		}
 		if _, ok := m.(workerproto.StatsRequest); ok {
-			if err := r.send(r.cmds.Stats()); err != nil {
+			st := r.cmds.Stats()
+			st.Guardian = r.calls.Stats()
+			if err := r.send(st); err != nil {
 				r.readErr = err
 				return
 			}
@@ -296,6 +333,40 @@ func (r *remote) Put(rec *state.Record) error {
 	}
 	return nil
 }
+
+// ReadProtector asks the supervisor for the VM's key protector.
+func (r *remote) ReadProtector(vmID string) ([]byte, error) {
+	m, err := r.call(workerproto.GetProtector{VMID: vmID})
+	if err != nil {
+		return nil, err
+	}
+	switch m := m.(type) {
+	case workerproto.Protector:
+		return m.Data, nil
+	case workerproto.NotFound:
+		return nil, fmt.Errorf("key protector of VM %q: %w", vmID, fs.ErrNotExist)
+	}
+	return nil, fmt.Errorf("the supervisor answered GetProtector with a message of type %d", m.Type())
+}
+
+// CreateProtector sends the VM's new key protector to the supervisor and
+// returns once it is durably stored.
+func (r *remote) CreateProtector(vmID string, p []byte) error {
+	m, err := r.call(workerproto.PutProtector{VMID: vmID, Data: p})
+	if err != nil {
+		return err
+	}
+	switch m.(type) {
+	case workerproto.Ack:
+		return nil
+	case workerproto.Protector:
+		return fmt.Errorf("key protector of VM %q: %w", vmID, fs.ErrExist)
+	}
+	return fmt.Errorf("the supervisor answered PutProtector with a message of type %d", m.Type())
+}
+
+// Where names where the supervisor keeps the protector.
+func (r *remote) Where(string) string { return "(in the state store of vtpmd serve)" }
 
 // Harden makes the worker undumpable and without core dumps (it holds the
 // VM's key), makes sure it dies with the supervisor, and checks that
