@@ -39,7 +39,7 @@ type DataCommand struct {
 // header (detected as swtpm does: not a TPM 2 tag and a first u32 of 8).
 // The size field frames the command; one larger than the engine takes is
 // read and dropped, and gives a nil Command.
-func ReadDataCommand(r *bufio.Reader, conn net.Conn) (DataCommand, error) {
+func ReadDataCommand(r *bufio.Reader, conn ReadDeadliner) (DataCommand, error) {
 	hdr, err := r.Peek(tpmHeaderSize)
 	if err != nil {
 		return DataCommand{}, err
@@ -67,8 +67,20 @@ func ReadDataCommand(r *bufio.Reader, conn net.Conn) (DataCommand, error) {
 	return dc, nil
 }
 
+// ReadDeadliner is the part of a connection ReadDataCommand uses to bound
+// the drain of an oversized command; net.Conn has it.
+type ReadDeadliner interface {
+	SetReadDeadline(t time.Time) error
+}
+
+// dataConn is a data connection: a net.Conn or the direct loop's.
+type dataConn interface {
+	io.ReadWriteCloser
+	ReadDeadliner
+}
+
 // drain drops n bytes, or as many as keep arriving within drainTimeout.
-func drain(r *bufio.Reader, conn net.Conn, n int64) {
+func drain(r *bufio.Reader, conn ReadDeadliner, n int64) {
 	for n > 0 {
 		// Drop what is at hand; read more only under the deadline.
 		step := int64(r.Buffered())
@@ -101,12 +113,22 @@ func (dc DataCommand) Marshal(resp []byte) []byte {
 }
 
 func (s *Server) serveDataConn(ctx context.Context, c net.Conn) {
-	defer c.Close()
-	stop := context.AfterFunc(ctx, func() { c.Close() })
+	var conn dataConn = c
+	direct := s.newDirectConn(c)
+	if direct != nil {
+		conn = direct
+		s.direct.Store(direct)
+		defer func() {
+			s.direct.CompareAndSwap(direct, nil)
+			direct.free()
+		}()
+	}
+	defer conn.Close()
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
-	r := bufio.NewReaderSize(c, vtpm.MaxBufferSize+framedHeaderSize)
+	r := bufio.NewReaderSize(conn, vtpm.MaxBufferSize+framedHeaderSize)
 	for {
-		dc, err := ReadDataCommand(r, c)
+		dc, err := ReadDataCommand(r, conn)
 		if err != nil {
 			if !errors.Is(err, io.EOF) && ctx.Err() == nil {
 				s.Log.Warn("data connection closed", "err", err)
@@ -122,20 +144,29 @@ func (s *Server) serveDataConn(ctx context.Context, c net.Conn) {
 			_ = s.TPM.SetLocality(dc.Locality)
 		}
 		resp := vtpm.ErrorResponse(rcCommandSize)
-		switch err := s.lockStorage(); {
-		case err != nil:
+		locked := s.lockStorage()
+		switch {
+		case locked != nil:
 			// The state cannot be stored: no command may run.
-			s.Log.Error("TPM command refused: no storage lock", "err", err)
+			s.Log.Error("TPM command refused: no storage lock", "err", locked)
 			resp = vtpm.ErrorResponse(rcFailure)
 		case dc.Command != nil:
 			resp = s.TPM.Execute(ctx, dc.Command)
 		}
-		if _, err := c.Write(dc.Marshal(resp)); err != nil {
+		if _, err := conn.Write(dc.Marshal(resp)); err != nil {
 			s.Log.Warn("write TPM response", "err", err)
 			return
 		}
 		if s.Disconnect {
 			return
+		}
+		// With the storage lock held, the following commands can run in the
+		// direct loop until it hands one back.
+		if direct != nil && locked == nil && r.Buffered() == 0 && len(direct.left) == 0 {
+			if err := s.serveDirect(ctx, direct); err != nil {
+				s.Log.Warn("write TPM response", "err", err)
+				return
+			}
 		}
 	}
 }

@@ -6,4 +6,10 @@
 // swtpm does, so QEMU, libvirt, swtpm_ioctl and the swtpm TCTI work
 // unchanged. The package knows the wire only: the TPM behind it and how its
 // state is kept are the caller's.
+//
+// A TPM that offers a direct loop (*vtpm.Device's RunDirect) has its data
+// connection served in C: poll, read, execute, write, with no Go code per
+// command, the way swtpm serves it. It comes back to Go to store a changed
+// state before that command's response, for anything unusual, and when the
+// control channel needs the TPM.
 package transport

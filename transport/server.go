@@ -88,6 +88,7 @@ type Server struct {
 	ReleaseLockOutgoing bool
 
 	hasData  atomic.Bool
+	direct   atomic.Pointer[directConn]
 	doneOnce sync.Once
 	done     chan struct{}
 	initOnce sync.Once
@@ -279,6 +280,11 @@ func (s *Server) handle(ctx context.Context, r *ctrlReader, msg []byte, fds []in
 		if BlobType(req.Type) == BlobSavestate && s.ReleaseLockOutgoing && s.Storage != nil {
 			// The savestate blob is the last of an outgoing migration.
 			return reply, func() {
+				// The direct loop runs commands without taking the lock
+				// again: make it hand the next one to Go's path, which does.
+				if d := s.direct.Load(); d != nil {
+					d.wake()
+				}
 				if err := s.Storage.Unlock(); err != nil {
 					s.Log.Warn("release the storage lock", "err", err)
 				}

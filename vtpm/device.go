@@ -104,6 +104,12 @@ type Device struct {
 	saved            []byte
 	savedEstablished bool
 	savedResume      bool
+
+	// A direct loop's wake-up while RunDirect holds the device, the callers
+	// waiting for it, and the NV image last given to the loop.
+	wake        atomic.Pointer[func()]
+	waiting     atomic.Int32
+	directSaved []byte
 }
 
 // Open takes the process's engine. The TPM is not running until Init.
@@ -136,7 +142,7 @@ func Open(cfg Config) (*Device, error) {
 // Close stops the TPM as Stop does and releases the engine.
 func (d *Device) Close() error {
 	err := d.Stop()
-	d.mu.Lock()
+	d.lock()
 	defer d.mu.Unlock()
 	if d.sim != nil {
 		// Close sends its own TPM2_Shutdown, which may fail when the TPM is
@@ -150,7 +156,7 @@ func (d *Device) Close() error {
 
 // Running reports whether the TPM has been initialised and not stopped.
 func (d *Device) Running() bool {
-	d.mu.Lock()
+	d.lock()
 	defer d.mu.Unlock()
 	return d.running
 }
@@ -160,7 +166,7 @@ func (d *Device) Running() bool {
 // manufactured and stored first. An image taken by StoreVolatile resumes
 // (TPM2_Startup(STATE)) unless deleteVolatile is set.
 func (d *Device) Init(deleteVolatile bool) error {
-	d.mu.Lock()
+	d.lock()
 	defer d.mu.Unlock()
 	if d.running {
 		if err := d.stopLocked(); err != nil {
@@ -244,7 +250,7 @@ func (d *Device) manufactureLocked() (*Image, error) {
 // Stop shuts the TPM down in order, stores its state and marks it not
 // running: CMD_STOP. Stopping a stopped TPM does nothing.
 func (d *Device) Stop() error {
-	d.mu.Lock()
+	d.lock()
 	defer d.mu.Unlock()
 	if !d.running {
 		return nil
@@ -278,7 +284,7 @@ func (d *Device) autoShutdown() {
 // Startup sends TPM2_Startup itself, for a TPM that starts without a guest
 // firmware (swtpm's --flags startup-clear|startup-state).
 func (d *Device) Startup(su StartupType) error {
-	d.mu.Lock()
+	d.lock()
 	defer d.mu.Unlock()
 	if !d.running {
 		return fmt.Errorf("startup: %w", ErrNotRunning)
@@ -293,7 +299,7 @@ func (d *Device) Startup(su StartupType) error {
 // command changed is stored before Execute returns. A stopped TPM, an engine
 // failure or a storage failure give the TPM_RC_FAILURE response.
 func (d *Device) Execute(ctx context.Context, cmd []byte) []byte {
-	d.mu.Lock()
+	d.lock()
 	defer d.mu.Unlock()
 	if !d.running {
 		return ErrorResponse(rcFailure)
@@ -372,7 +378,7 @@ func (d *Device) persist() error {
 // keeping PCRs 0-15. The TPM goes on running. The engine cannot capture
 // loaded objects and sessions, so those are not kept.
 func (d *Device) StoreVolatile() error {
-	d.mu.Lock()
+	d.lock()
 	defer d.mu.Unlock()
 	if !d.running {
 		return fmt.Errorf("store volatile state: %w", ErrNotRunning)
@@ -390,7 +396,7 @@ func (d *Device) SetLocality(l uint8) error {
 	if l > 4 || (l == 4 && d.cfg.RejectLocality4) {
 		return fmt.Errorf("set locality %d: %w", l, ErrBadLocality)
 	}
-	d.mu.Lock()
+	d.lock()
 	defer d.mu.Unlock()
 	d.locality = l
 	return nil
@@ -398,7 +404,7 @@ func (d *Device) SetLocality(l uint8) error {
 
 // Established reports the TPM-established flag.
 func (d *Device) Established() (bool, error) {
-	d.mu.Lock()
+	d.lock()
 	defer d.mu.Unlock()
 	if !d.running {
 		return false, fmt.Errorf("get established flag: %w", ErrNotRunning)
@@ -409,7 +415,7 @@ func (d *Device) Established() (bool, error) {
 // ResetEstablished clears the TPM-established flag, which only localities 3
 // and 4 may do.
 func (d *Device) ResetEstablished(l uint8) error {
-	d.mu.Lock()
+	d.lock()
 	defer d.mu.Unlock()
 	if !d.running {
 		return fmt.Errorf("reset established flag: %w", ErrNotRunning)
@@ -442,7 +448,7 @@ func (d *Device) HashEnd() error {
 }
 
 func (d *Device) hashEvent(what string, event func()) error {
-	d.mu.Lock()
+	d.lock()
 	defer d.mu.Unlock()
 	if !d.running {
 		return fmt.Errorf("%s: %w", what, ErrNotRunning)
@@ -457,7 +463,7 @@ func (d *Device) hashEvent(what string, event func()) error {
 // Cancel asks the TPM to cancel the running command. The engine cannot
 // cancel, and commands run one at a time, so it only checks the state.
 func (d *Device) Cancel() error {
-	d.mu.Lock()
+	d.lock()
 	defer d.mu.Unlock()
 	if !d.running {
 		return fmt.Errorf("cancel: %w", ErrNotRunning)
@@ -469,7 +475,7 @@ func (d *Device) Cancel() error {
 // [MinBufferSize, MaxBufferSize], and returns the size in force. Setting
 // needs a stopped TPM.
 func (d *Device) BufferSize(size uint32) (uint32, error) {
-	d.mu.Lock()
+	d.lock()
 	defer d.mu.Unlock()
 	if size == 0 {
 		return d.bufferSize, nil
@@ -516,7 +522,7 @@ const partCount = 3
 // running, and commands after it are not in the image. The engine cannot
 // capture loaded objects, sessions and PCRs 16-23, so those are lost.
 func (d *Device) State(part StatePart) ([]byte, error) {
-	d.mu.Lock()
+	d.lock()
 	defer d.mu.Unlock()
 	if !d.running {
 		return nil, fmt.Errorf("get state: %w", ErrNotRunning)
@@ -544,7 +550,7 @@ var ErrNoSuchState = errors.New("no such state")
 // in place of the stored state and stores it. An empty image clears what
 // was set. The TPM must be stopped.
 func (d *Device) SetState(part StatePart, image []byte) error {
-	d.mu.Lock()
+	d.lock()
 	defer d.mu.Unlock()
 	if d.running {
 		return fmt.Errorf("set state: %w", ErrRunning)

@@ -8,6 +8,7 @@
 // Image that records the engine build and the platform flags. After every
 // command the Device compares the NV image with the last one stored and hands
 // a changed image to its Store before the response is released, so no
-// acknowledged change is lost. The package knows nothing of sockets or of how
+// acknowledged change is lost; RunDirect lets a data loop in C run commands
+// through the engine on those same terms. The package knows nothing of sockets or of how
 // images are sealed: the transport and the Store do that.
 package vtpm

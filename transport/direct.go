@@ -1,0 +1,376 @@
+package transport
+
+// The direct data loop: read, execute and write in C on the connection's
+// descriptor, for as long as commands need nothing from Go. Serving each
+// command through Go's netpoller wakes a second thread and sysmon per
+// command; this loop blocks in poll(2) like swtpm and costs one context
+// switch per command. It returns to Go when a command changed the state
+// (stored before its response goes), on anything unusual (Go's path handles
+// it), and when woken because the control channel needs the TPM.
+
+/*
+#include <errno.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+// vtpm.DirectExec's function.
+typedef int (*tr_exec_fn)(const uint8_t *cmd, uint32_t n, uint8_t *resp, uint32_t *resp_n, uint32_t buffer_size);
+
+enum {
+	TR_MAX = 4096,
+	TR_FRAMED_HDR = 9,
+	// Room for a whole framed command and what a client sent after it.
+	TR_IN = 2 * (TR_MAX + TR_FRAMED_HDR),
+	TR_OUT = TR_MAX + 8,
+};
+
+// Why tr_run returned.
+enum {
+	TR_WOKEN = 0,     // the wake descriptor was written
+	TR_GO = 1,        // Go's path takes the next command (or the error)
+	TR_HELD = 2,      // out holds a response that waits for Go
+	TR_WRITE_ERR = 3, // writing a response failed (err)
+};
+
+struct tr_loop {
+	int fd, wakefd;
+	uint8_t in[TR_IN];
+	uint32_t have;
+	uint8_t out[TR_OUT];
+	uint32_t out_n;
+	int commands, outcome, framed, err, closing;
+	uint32_t last_ordinal;
+	uint8_t locality;
+};
+
+static uint32_t tr_be32(const uint8_t *b) { return (uint32_t)b[0] << 24 | (uint32_t)b[1] << 16 | (uint32_t)b[2] << 8 | b[3]; }
+static void tr_put32(uint8_t *b, uint32_t v) { b[0] = v >> 24; b[1] = v >> 16; b[2] = v >> 8; b[3] = v; }
+
+// tr_write writes all n bytes of p; -1 sets err.
+static int tr_write(struct tr_loop *l, const uint8_t *p, uint32_t len) {
+	uint32_t off = 0;
+	while (off < len) {
+		ssize_t n = send(l->fd, p + off, len - off, MSG_NOSIGNAL);
+		if (n < 0 && errno == ENOTSOCK)
+			n = write(l->fd, p + off, len - off);
+		if (n >= 0) {
+			off += n;
+			continue;
+		}
+		if (errno == EINTR)
+			continue;
+		if (errno != EAGAIN) {
+			l->err = errno;
+			return -1;
+		}
+		struct pollfd p = {l->fd, POLLOUT, 0};
+		poll(&p, 1, -1);
+	}
+	return 0;
+}
+
+static int tr_run(struct tr_loop *l, void *exec_ptr, uint32_t buffer_size) {
+	tr_exec_fn exec = (tr_exec_fn)exec_ptr;
+	l->commands = l->outcome = l->framed = l->err = 0;
+	l->out_n = 0;
+	for (;;) {
+		if (l->have >= 10) {
+			const uint8_t *h = l->in;
+			uint32_t tag = (uint32_t)h[0] << 8 | h[1], hdr = 0, size = tr_be32(h + 2);
+			int framed = tag != 0x8001 && tag != 0x8002 && tr_be32(h) == 8;
+			if (framed) {
+				hdr = TR_FRAMED_HDR;
+				size = tr_be32(h + 5);
+			}
+			if (size < 10 || size > buffer_size || size > TR_MAX)
+				return TR_GO;
+			if (l->have >= hdr + size) {
+				const uint8_t *cmd = h + hdr;
+				uint8_t *resp = l->out + (framed ? 4 : 0);
+				uint32_t rn = TR_MAX;
+				int outcome = exec(cmd, size, resp, &rn, buffer_size);
+				l->commands++;
+				l->last_ordinal = tr_be32(cmd + 6);
+				l->framed = framed;
+				if (framed) {
+					l->locality = h[4];
+					tr_put32(l->out, rn);
+					tr_put32(l->out + 4 + rn, 0);
+					l->out_n = rn + 8;
+				} else {
+					l->out_n = rn;
+				}
+				l->have -= hdr + size;
+				memmove(l->in, l->in + hdr + size, l->have);
+				if (outcome != 0) {
+					l->outcome = outcome;
+					return TR_HELD;
+				}
+				if (tr_write(l, l->out, l->out_n) < 0)
+					return TR_WRITE_ERR;
+				continue;
+			}
+		}
+		struct pollfd p[2] = {{l->fd, POLLIN, 0}, {l->wakefd, POLLIN, 0}};
+		if (poll(p, 2, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			return TR_GO;
+		}
+		if (p[1].revents) {
+			uint64_t v;
+			if (read(l->wakefd, &v, sizeof v) < 0) {
+			}
+			return TR_WOKEN;
+		}
+		ssize_t n = read(l->fd, l->in + l->have, TR_IN - l->have);
+		if (n > 0) {
+			l->have += n;
+			continue;
+		}
+		if (n < 0 && (errno == EAGAIN || errno == EINTR))
+			continue;
+		// End of stream or an error: Go's path reads it again and reports it.
+		return TR_GO;
+	}
+}
+
+// tr_read reads up to n bytes into p for Go's path, waiting at most
+// timeout_ms (-1: no limit). It returns the count, 0 at the end of the
+// stream, -1 on an error (err), -2 at the timeout, -3 when closing.
+static ssize_t tr_read(struct tr_loop *l, uint8_t *p, size_t n, int timeout_ms) {
+	for (;;) {
+		if (__atomic_load_n(&l->closing, __ATOMIC_SEQ_CST))
+			return -3;
+		ssize_t got = read(l->fd, p, n);
+		if (got >= 0)
+			return got;
+		if (errno != EAGAIN && errno != EINTR) {
+			l->err = errno;
+			return -1;
+		}
+		struct pollfd w[2] = {{l->fd, POLLIN, 0}, {l->wakefd, POLLIN, 0}};
+		int r = poll(w, 2, timeout_ms);
+		if (r == 0)
+			return -2;
+		if (r > 0 && w[1].revents) {
+			// A wake-up for a direct loop that is not running: dropped.
+			uint64_t v;
+			if (read(l->wakefd, &v, sizeof v) < 0) {
+			}
+		}
+	}
+}
+
+static struct tr_loop *tr_new(int fd) {
+	struct tr_loop *l = calloc(1, sizeof *l);
+	if (l == NULL)
+		return NULL;
+	l->fd = fd;
+	l->wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (l->wakefd < 0) {
+		free(l);
+		return NULL;
+	}
+	return l;
+}
+
+static void tr_wake(struct tr_loop *l) {
+	uint64_t one = 1;
+	if (write(l->wakefd, &one, sizeof one) < 0) {
+		// Already pending (the counter is full) or closing: nothing to do.
+	}
+}
+
+static void tr_close(struct tr_loop *l) {
+	__atomic_store_n(&l->closing, 1, __ATOMIC_SEQ_CST);
+	tr_wake(l);
+}
+
+static void tr_free(struct tr_loop *l) {
+	close(l->fd);
+	close(l->wakefd);
+	free(l);
+}
+*/
+import "C"
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"github.com/vtpmd/vtpmd/vtpm"
+)
+
+// directTPM is a TPM whose commands a direct loop can run: *vtpm.Device.
+type directTPM interface {
+	RunDirect(ctx context.Context, wake func(), loop func(vtpm.DirectExec) vtpm.DirectRun) (bool, error)
+}
+
+// directConn is a data connection served by the direct loop. It owns a
+// duplicate of the connection's descriptor, outside Go's netpoller: while
+// it is registered there, every request would wake the netpoller's thread.
+// Go's path reads and writes it through C as well.
+type directConn struct {
+	tpm      directTPM
+	mu       sync.Mutex // guards l against a wake-up after free
+	l        *C.struct_tr_loop
+	left     []byte // bytes the loop read but did not run, for Go's path
+	deadline time.Time
+}
+
+// newDirectConn takes c over for the direct loop, closing it, or returns
+// nil, leaving c as it was, when the TPM or the connection cannot have one.
+func (s *Server) newDirectConn(c net.Conn) *directConn {
+	tpm, ok := s.TPM.(directTPM)
+	if !ok || s.Disconnect {
+		return nil
+	}
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return nil
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	fd := -1
+	if err := raw.Control(func(orig uintptr) {
+		fd, err = syscall.Dup(int(orig))
+	}); err != nil || fd < 0 {
+		return nil
+	}
+	syscall.CloseOnExec(fd)
+	l := C.tr_new(C.int(fd))
+	if l == nil {
+		syscall.Close(fd)
+		return nil
+	}
+	c.Close()
+	return &directConn{tpm: tpm, l: l}
+}
+
+// wake makes the loop return to Go; safe at any time, also after free.
+func (d *directConn) wake() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.l != nil {
+		C.tr_wake(d.l)
+	}
+}
+
+// Close ends what is waiting on the connection; free releases it after.
+func (d *directConn) Close() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.l != nil {
+		C.tr_close(d.l)
+	}
+	return nil
+}
+
+func (d *directConn) free() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	C.tr_free(d.l)
+	d.l = nil
+}
+
+// Read gives Go's path what the loop read but did not run, then the
+// connection's bytes.
+func (d *directConn) Read(p []byte) (int, error) {
+	if len(d.left) > 0 {
+		n := copy(p, d.left)
+		d.left = d.left[n:]
+		return n, nil
+	}
+	if len(p) == 0 {
+		return 0, nil
+	}
+	timeout := -1
+	if !d.deadline.IsZero() {
+		timeout = int(max(0, time.Until(d.deadline).Milliseconds()))
+	}
+	n := C.tr_read(d.l, (*C.uint8_t)(unsafe.Pointer(&p[0])), C.size_t(len(p)), C.int(timeout))
+	switch {
+	case n > 0:
+		return int(n), nil
+	case n == 0:
+		return 0, io.EOF
+	case n == -2:
+		return 0, os.ErrDeadlineExceeded
+	case n == -3:
+		return 0, net.ErrClosed
+	}
+	return 0, syscall.Errno(d.l.err)
+}
+
+// Write writes all of p.
+func (d *directConn) Write(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	if C.tr_write(d.l, (*C.uint8_t)(unsafe.Pointer(&p[0])), C.uint32_t(len(p))) < 0 {
+		return 0, syscall.Errno(d.l.err)
+	}
+	return len(p), nil
+}
+
+// SetReadDeadline bounds the reads of Go's path.
+func (d *directConn) SetReadDeadline(t time.Time) error {
+	d.deadline = t
+	return nil
+}
+
+// errDirectWrite: the direct loop could not send a response.
+var errDirectWrite = errors.New("write TPM response")
+
+// serveDirect runs commands in the direct loop until Go's path must take
+// the next one. Bytes read but not run are left in d.left.
+func (s *Server) serveDirect(ctx context.Context, d *directConn) error {
+	for {
+		var why C.int
+		ran, err := d.tpm.RunDirect(ctx, d.wake, func(x vtpm.DirectExec) vtpm.DirectRun {
+			why = C.tr_run(d.l, x.Func, C.uint32_t(x.BufferSize))
+			return vtpm.DirectRun{Commands: int(d.l.commands), LastOrdinal: uint32(d.l.last_ordinal), Outcome: int(d.l.outcome)}
+		})
+		if !ran {
+			return nil
+		}
+		if d.l.framed != 0 {
+			_ = s.TPM.SetLocality(uint8(d.l.locality))
+		}
+		switch why {
+		case C.TR_WRITE_ERR:
+			return fmt.Errorf("%w: %w", errDirectWrite, syscall.Errno(d.l.err))
+		case C.TR_HELD:
+			// The state is stored now, or the command failed.
+			resp := unsafe.Slice((*byte)(unsafe.Pointer(&d.l.out[0])), int(d.l.out_n))
+			if err != nil {
+				resp = DataCommand{Framed: d.l.framed != 0}.Marshal(vtpm.ErrorResponse(rcFailure))
+			}
+			if _, err := d.Write(resp); err != nil {
+				return fmt.Errorf("%w: %w", errDirectWrite, err)
+			}
+			continue
+		}
+		if d.l.have > 0 {
+			d.left = append(d.left, C.GoBytes(unsafe.Pointer(&d.l.in[0]), C.int(d.l.have))...)
+			d.l.have = 0
+		}
+		return nil
+	}
+}
