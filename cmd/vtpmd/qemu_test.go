@@ -125,6 +125,7 @@ type guestMachine struct {
 	capture              *trafficLog // non-nil with VTPMD_CAPTURE set
 	proxy                *fdProxy    // the capture proxy of the running daemon
 	incoming             string      // -incoming URI: QEMU waits for a migration
+	daemonArgs           []string    // more options of the daemon
 	boots                []guestBoot
 }
 
@@ -209,14 +210,14 @@ func (g *guestMachine) startDaemon(t *testing.T) *daemon {
 		g.proxy = startFDProxy(t, g.capture, sock, sock+".d")
 		sock += ".d"
 	}
-	return startDaemon(t, []string{
+	return startDaemon(t, append([]string{
 		"socket",
 		"--ctrl", "type=unixio,path=" + sock + ",mode=0600",
 		"--tpmstate", "dir=" + filepath.Join(g.dir, "state") + ",mode=0600",
 		"--log", "file=" + filepath.Join(g.dir, "log"),
 		"--terminate",
 		"--tpm2",
-	}, sock)
+	}, g.daemonArgs...), sock)
 }
 
 func (g *guestMachine) startQEMU(t *testing.T) *qemuVM {
