@@ -174,16 +174,3 @@ func TestGuardianAndKeyRefusedTogether(t *testing.T) {
 	require.True(t, errors.As(err, &exit), "%v: %s", err, out)
 	assert.Contains(t, string(out), "give one key source, not both")
 }
-
-// vtpmd serve does not obtain keys from the guardian yet, and says so
-// rather than falling back to the host key.
-func TestServeRefusesAGuardianConfig(t *testing.T) {
-	if testingPeer() {
-		t.Skip("the guardian is vtpmd's own")
-	}
-	config := filepath.Join(t.TempDir(), "guardian.json")
-	require.NoError(t, os.WriteFile(config, []byte(`{"urls":["https://127.0.0.1:1"],"ca_file":"/ca"}`), 0o644))
-	out, code := runDaemonCmdEnv(t, append(os.Environ(), "VTPMD_GUARDIAN_CONFIG="+config), "serve", "--state-dir", t.TempDir(), "--run-dir", sockDir(t))
-	assert.Equal(t, 1, code)
-	assert.Contains(t, out, "does not obtain state keys from the guardian yet")
-}

@@ -10,6 +10,10 @@
 // reset when its worker restarts, as a restarted process's do; Prometheus'
 // rate() and increase() allow for that.
 //
+// A worker with a guardian counts its calls to it (GuardianCalls) the same
+// way: vtpmd_guardian_calls_total by op and result, whose labels are a
+// fixed set (ValidGuardianCall), whatever a guardian or a worker sends.
+//
 // The command label is one of the TPM 2.0 command names, or "other" for any
 // code that is none of them, so that a guest sending made-up command codes
 // cannot make the series grow.

@@ -12,9 +12,9 @@
 // every VM, holding each VM's sealed state record and, under its own key
 // prefix, the registry of VMs: name, VM id, creation time, control socket,
 // optional data socket, and the desired state (running or stopped). It
-// derives each VM's state key from the host key (sealing.HostKey), and
-// keeps the generation witnesses beside the host key, as `vtpmd socket`
-// does. The VM id is new for every create, so a VM created again under a
+// derives each VM's state key from the host key (sealing.HostKey), unless
+// a guardian is configured (see below), and keeps the generation witnesses
+// beside the host key, as `vtpmd socket` does. The VM id is new for every create, so a VM created again under a
 // deleted one's name starts afresh.
 //
 // The admin API is HTTP and JSON on a unix socket of mode 0600 (see
@@ -55,6 +55,29 @@
 // response leaves before its state is stored. A worker can reach no other
 // VM's state or key.
 //
+// # The guardian
+//
+// With a guardian config (guardian_config, --guardian-config, else
+// $VTPMD_GUARDIAN_CONFIG or /etc/vtpmd/guardian.json if it exists, as in
+// `vtpmd socket`), no state key is derived, and the supervisor never holds
+// one: it hands each worker the checked config (workerproto.Guardian)
+// instead of a key, and the worker obtains its VM's key itself when the
+// TPM starts (CMD_INIT, or the worker's start with startup_clear), as a
+// host.KeySource: it attests with evidence bound to a transport key of its
+// own (caching its health certificate, never sharing it), and asks for the
+// key's release. Without a release the TPM's start fails: CMD_INIT answers
+// an error, the worker's log names the reason (unknown host, baseline
+// mismatch, wrong VM, or the guardian unreachable with the URLs tried),
+// and so does the VM's status (guardian); the next CMD_INIT asks again,
+// and a restarted worker (a crash, SIGKILL) obtains the key anew. Other
+// VMs do not notice: a running TPM needs the guardian no more. A VM's key
+// protector is kept in the state store beside its state record (the worker
+// asks the supervisor for it, and sends a new VM's): created once, before
+// the VM has state, never replaced, and deleted with the VM. A VM with
+// state and no protector is refused. The worker reads the host TPM (or
+// host key) and the guardian CA itself, so with worker_user that user must
+// be able to.
+//
 // # vsock
 //
 // A VM created with vsock ports (--vsock-ctrl-port, --vsock-data-port)
@@ -76,7 +99,9 @@
 // GET /metrics on the admin socket, and on --metrics-listen if set, gives
 // the Prometheus metrics: per VM, the TPM commands by command name with
 // their latency (vtpmd_tpm_command_duration_seconds), whether its worker
-// is up (vtpmd_worker_up) and its restarts (vtpmd_worker_restarts_total);
+// is up (vtpmd_worker_up) and its restarts (vtpmd_worker_restarts_total),
+// its worker's calls to the guardian by op and result
+// (vtpmd_guardian_calls_total; reset when the worker restarts);
 // the state commits' latency (vtpmd_state_commit_duration_seconds) and the
 // store's WAL syncs (vtpmd_state_wal_syncs_total: commits per sync is the
 // group commit's batch size); and the supervisor's process and Go

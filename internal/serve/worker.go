@@ -457,8 +457,7 @@ func (r *vmRun) putProtector(m workerproto.PutProtector) workerproto.Message {
 		r.log.Error("key protector not stored", "err", err)
 		return workerproto.Error{Message: err.Error()}
 	}
-	r.log.Info("new key protector stored")
-	return workerproto.Ack{}
+	return workerproto.Ack{} // the worker logs it
 }
 
 // checkProtectorRequest refuses a protector request for another VM, or

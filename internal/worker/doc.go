@@ -13,9 +13,12 @@
 // parent.
 //
 // The worker reads its VM's state key from the socketpair (it never appears
-// in argv, the environment or the logs), opens a vtpm.Device whose Store is
-// a vmstate.Sealed on a remote record store, and serves the sockets with a
-// transport.Server. Sealed seals every new state image in the worker, as
+// in argv, the environment or the logs), or, on a host with a guardian, the
+// guardian config, and then obtains the key from the guardian itself when
+// its TPM starts (host.KeySource, its key protector kept by the
+// supervisor), so that the key lives in this process only. It opens a
+// vtpm.Device whose Store is a vmstate.Sealed on a remote record store, and
+// serves the sockets with a transport.Server. Sealed seals every new state image in the worker, as
 // the next generation with the VM id bound in; the remote store sends the
 // sealed record to the supervisor, which commits it to the one pebble store
 // (sharing its fsync with the other workers' records) and acknowledges it.
@@ -24,8 +27,8 @@
 // With StartupClear the worker powers the TPM on and starts it before it
 // serves. Inherited vsock sockets are served too, to the VM's guest CID
 // only. The worker counts its TPM commands by command code with their
-// latency, in memory, and sends the counts when the supervisor asks
-// (package metrics).
+// latency, and its guardian calls by op and result, in memory, and sends
+// the counts when the supervisor asks (package metrics).
 //
 // The worker ends on SIGTERM (the supervisor stops the VM), after
 // CMD_SHUTDOWN (QEMU is done with the TPM; the supervisor starts a fresh

@@ -366,7 +366,7 @@ func (r *remote) CreateProtector(vmID string, p []byte) error {
 }
 
 // Where names where the supervisor keeps the protector.
-func (r *remote) Where(string) string { return "(in the state store of vtpmd serve)" }
+func (r *remote) Where(string) string { return "in the state store of vtpmd serve" }
 
 // Harden makes the worker undumpable and without core dumps (it holds the
 // VM's key), makes sure it dies with the supervisor, and checks that
