@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-tpm/tpm2"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -99,6 +100,13 @@ func TestServeGuardian(t *testing.T) {
 	assert.Equal(t, "running", st.State, "the worker serves, its TPM waits")
 	assert.Positive(t, s.guardianCalls(t, "vm3", "keys", "unreachable"))
 	require.NoError(t, clients["vm2"].round(), "a running VM needs no guardian")
+	// A startup_clear VM's TPM starts with its worker: the start fails,
+	// naming the URL, and the supervisor keeps trying.
+	s.ctlOK(t, "create", "--data", "--startup-clear", "vm4")
+	_, stderr, err := s.ctl(t, "start", "vm4")
+	require.Error(t, err, "start of a startup_clear VM with the guardian down")
+	assert.Contains(t, stderr, "guardian unreachable")
+	assert.Contains(t, stderr, g.URL)
 
 	// Back up: the next CMD_INIT works, with no restart of serve.
 	g.Up(t)
@@ -107,6 +115,13 @@ func TestServeGuardian(t *testing.T) {
 	require.NoError(t, vm3.setup())
 	require.NoError(t, vm3.round())
 	assert.Equal(t, "state key released by the guardian", s.status(t, "vm3").Guardian)
+	require.Eventually(t, func() bool { return s.status(t, "vm4").State == "running" }, 30*time.Second, 50*time.Millisecond,
+		"the startup_clear VM once the guardian is back")
+	conn, err := dialUnix(s.vm("vm4").data)
+	require.NoError(t, err)
+	_, err = tpm2.GetRandom{BytesRequested: 8}.Execute(connTPM{conn})
+	require.NoError(t, err, "the startup_clear VM's TPM answers without CMD_INIT")
+	require.NoError(t, conn.Close())
 	for _, c := range []*vmClient{clients["vm1"], clients["vm2"], vm3} {
 		require.NoError(t, c.conn.Close())
 	}

@@ -298,8 +298,9 @@ type Status struct {
 	Restarts int `json:"restarts"`
 	// LastExit says how the last worker ended.
 	LastExit string `json:"last_exit,omitempty"`
-	// Guardian, with a guardian, says how the worker's last attempt to
-	// obtain the state key went ("" before its TPM's start).
+	// Guardian, with a guardian, says how the last attempt of the VM's
+	// workers to obtain the state key went ("" before its TPM's first
+	// start).
 	Guardian string `json:"guardian,omitempty"`
 	// QEMUArgs are the QEMU arguments for the VM's TPM.
 	QEMUArgs []string `json:"qemu_args"`

@@ -61,8 +61,8 @@ type vmRun struct {
 	pid      int
 	restarts int
 	lastExit string
-	// keyStatus says how the worker's last attempt to obtain the key from
-	// the guardian went.
+	// keyStatus says how the last attempt of a worker of the VM to obtain
+	// the key from the guardian went.
 	keyStatus string
 	conn      net.Conn // the channel to the serving worker, nil if none
 
@@ -248,9 +248,7 @@ func (r *vmRun) runWorker() (int, error) {
 		return 0, fmt.Errorf("start worker: %w", err)
 	}
 	pid := cmd.Process.Pid
-	r.mu.Lock()
-	r.phase, r.pid, r.keyStatus = "starting", pid, ""
-	r.mu.Unlock()
+	r.setPhase("starting", pid)
 	r.log.Info("worker started", "pid", pid)
 
 	exited := make(chan struct{})
