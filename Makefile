@@ -71,12 +71,13 @@ lint:
 # Benchmarks, without pass/fail on speed: the Go benchmarks of the in-process
 # paths (control codec, data framing, engine round trip, provisioning), then
 # a short run of bench/ (vtpmbench: vtpmd, vtpmd serve and swtpm side by
-# side, with the echo and engine floors, and the provisioning time of vtpmd
-# setup against swtpm_setup), one to two and a half minutes in all on two
-# cores, depending on other load. Results (markdown, SVG, JSON) go to ./results. `make
+# side, with the echo and engine floors, the provisioning time of vtpmd
+# setup against swtpm_setup, and the guardian's share of a VM's start with
+# one replica and with three on etcd), one to two and a half minutes in all
+# on two cores, depending on other load. Results (markdown, SVG, JSON) go to ./results. `make
 # bench-full` is the full run (1 to 256 VMs, every operation, 8 to 13
 # minutes); bench/RESULTS.md holds one.
-BENCH_FLAGS ?= -vms 1,4,16 -duration 1s -warmup 200ms -starts 3 -engine-duration 200ms -setup-runs 5 -serve \
+BENCH_FLAGS ?= -vms 1,4,16 -duration 1s -warmup 200ms -starts 3 -engine-duration 200ms -setup-runs 5 -guardian-runs 5 -serve \
 	-ops getrandom,pcrextend,nvwrite,nvincrement,signecc
 # Only the packages that have benchmarks, so the end-to-end test binaries are
 # not built for nothing.
@@ -89,7 +90,7 @@ bench: build
 .PHONY: bench-full
 bench-full: build
 	$(GO) build -o bin/vtpmbench ./bench/cmd/vtpmbench
-	./bin/vtpmbench -vtpmd bin/vtpmd -vms 1,4,16,64,256 -ops all -duration 2s -rounds 2 -setup-runs 20
+	./bin/vtpmbench -vtpmd bin/vtpmd -vms 1,4,16,64,256 -ops all -duration 2s -rounds 2 -setup-runs 20 -guardian-runs 20
 
 # Every fuzz target in fuzz/, one at a time (go test takes one -fuzz target
 # per run), FUZZTIME each, or FUZZBUDGET seconds shared among them so that

@@ -12,7 +12,9 @@
 // apart) and the time from `vtpmd ctl start` to the first answer, beside
 // swtpm's.
 // It also measures the provisioning of a new VM's TPM with libvirt's
-// swtpm_setup options, `vtpmd setup` against swtpm_setup (-setup-runs).
+// swtpm_setup options, `vtpmd setup` against swtpm_setup (-setup-runs),
+// and the time a VM's start spends in the guardian's attestation and key
+// release, with one replica and with three on etcd (-guardian-runs).
 //
 //	vtpmbench -vtpmd bin/vtpmd [-serve] [-swtpm /usr/bin/swtpm] [-vms 1,4,16,64,256] [-ops all] [-duration 3s]
 package main
@@ -36,6 +38,7 @@ import (
 
 	"github.com/vtpmd/vtpmd/bench/internal/driver"
 	"github.com/vtpmd/vtpmd/bench/internal/fleet"
+	"github.com/vtpmd/vtpmd/bench/internal/keyrelease"
 	"github.com/vtpmd/vtpmd/bench/internal/provisioning"
 	"github.com/vtpmd/vtpmd/bench/internal/report"
 	"github.com/vtpmd/vtpmd/bench/internal/workload"
@@ -57,26 +60,29 @@ func main() {
 
 func run() error {
 	var (
-		vtpmd    = flag.String("vtpmd", "bin/vtpmd", "the vtpmd binary to measure (`make build` makes bin/vtpmd)")
-		serve    = flag.Bool("serve", false, "also measure vtpmd serve (daemon \"vtpmd-serve\"): every VM a worker of one supervisor with one shared store, created and started with vtpmd ctl")
-		vtpmdEnv = flag.String("vtpmd-env", "", "comma-separated `VAR=value` settings added to vtpmd's environment, e.g. GOMAXPROCS=1")
-		swtpm    = flag.String("swtpm", "", "the swtpm binary to compare with; default: swtpm on $PATH if installed; \"none\" to skip")
-		vms      = flag.String("vms", "1,4,16,64,256", "comma-separated numbers of VMs to run at once")
-		ops      = flag.String("ops", "all", "comma-separated operations, or all: "+strings.Join(workload.Names(), ","))
-		duration = flag.Duration("duration", 3*time.Second, "measured time of each (daemon, operation, VMs) cell")
-		warmup   = flag.Duration("warmup", 300*time.Millisecond, "unmeasured time before each cell")
-		engineD  = flag.Duration("engine-duration", time.Second, "time of each engine-floor operation")
-		rounds   = flag.Int("rounds", 1, "runs of each cell, the daemons taking turns; the best is reported (for a machine with other load)")
-		starts   = flag.Int("starts", 5, "start-up samples per daemon, for a new and for an existing state")
-		setups   = flag.Int("setup-runs", 20, "provisioning runs of vtpmd setup and of swtpm_setup, with libvirt's options; 0 skips them")
-		setupBin = flag.String("swtpm-setup", "/usr/bin/swtpm_setup", "the swtpm_setup to compare vtpmd setup with (it drives -swtpm, or /usr/bin/swtpm); \"none\" to skip")
-		out      = flag.String("out", "results", "directory for results.md, results.svg and results.json")
-		stateDir = flag.String("statedir", "", "where to make the state directories (default: the system's temporary directory)")
-		keep     = flag.Bool("keep", false, "keep the state directories")
-		echo     = flag.Bool("echo", true, "measure the echo floor")
-		engine   = flag.Bool("engine", true, "measure the engine floor in process")
-		quiet    = flag.Bool("quiet", false, "no progress line on stderr")
-		from     = flag.String("from", "", "run nothing: render the results.json of an earlier run again into -out")
+		vtpmd     = flag.String("vtpmd", "bin/vtpmd", "the vtpmd binary to measure (`make build` makes bin/vtpmd)")
+		serve     = flag.Bool("serve", false, "also measure vtpmd serve (daemon \"vtpmd-serve\"): every VM a worker of one supervisor with one shared store, created and started with vtpmd ctl")
+		vtpmdEnv  = flag.String("vtpmd-env", "", "comma-separated `VAR=value` settings added to vtpmd's environment, e.g. GOMAXPROCS=1")
+		swtpm     = flag.String("swtpm", "", "the swtpm binary to compare with; default: swtpm on $PATH if installed; \"none\" to skip")
+		vms       = flag.String("vms", "1,4,16,64,256", "comma-separated numbers of VMs to run at once")
+		ops       = flag.String("ops", "all", "comma-separated operations, or all: "+strings.Join(workload.Names(), ","))
+		duration  = flag.Duration("duration", 3*time.Second, "measured time of each (daemon, operation, VMs) cell")
+		warmup    = flag.Duration("warmup", 300*time.Millisecond, "unmeasured time before each cell")
+		engineD   = flag.Duration("engine-duration", time.Second, "time of each engine-floor operation")
+		rounds    = flag.Int("rounds", 1, "runs of each cell, the daemons taking turns; the best is reported (for a machine with other load)")
+		starts    = flag.Int("starts", 5, "start-up samples per daemon, for a new and for an existing state")
+		setups    = flag.Int("setup-runs", 20, "provisioning runs of vtpmd setup and of swtpm_setup, with libvirt's options; 0 skips them")
+		setupBin  = flag.String("swtpm-setup", "/usr/bin/swtpm_setup", "the swtpm_setup to compare vtpmd setup with (it drives -swtpm, or /usr/bin/swtpm); \"none\" to skip")
+		guardRuns = flag.Int("guardian-runs", 20, "VM starts with each guardian setup (1 replica, 3 replicas on etcd) and without, timing CMD_INIT; 0 skips them")
+		guardBin  = flag.String("guardian", "", "the vtpmd-guardian binary (default: vtpmd-guardian beside -vtpmd)")
+		etcdBin   = flag.String("etcd", "/usr/bin/etcd", "the etcd of the 3-replica guardian setup (Debian's etcd-server); the setup is skipped without it")
+		out       = flag.String("out", "results", "directory for results.md, results.svg and results.json")
+		stateDir  = flag.String("statedir", "", "where to make the state directories (default: the system's temporary directory)")
+		keep      = flag.Bool("keep", false, "keep the state directories")
+		echo      = flag.Bool("echo", true, "measure the echo floor")
+		engine    = flag.Bool("engine", true, "measure the engine floor in process")
+		quiet     = flag.Bool("quiet", false, "no progress line on stderr")
+		from      = flag.String("from", "", "run nothing: render the results.json of an earlier run again into -out")
 	)
 	flag.Parse()
 	if flag.NArg() > 0 {
@@ -157,6 +163,9 @@ func run() error {
 	if runErr == nil && *setups > 0 {
 		rep.Provisioning, runErr = measureProvisioning(ctx, path, *setupBin, *swtpm, *stateDir, *setups, prog)
 	}
+	if runErr == nil && *guardRuns > 0 {
+		rep.KeyRelease, runErr = measureKeyRelease(ctx, path, *guardBin, *etcdBin, *stateDir, *guardRuns, prog)
+	}
 	if runErr != nil {
 		rep.Notes = append(rep.Notes, "the run did not finish: "+runErr.Error())
 	}
@@ -188,6 +197,25 @@ func measureProvisioning(ctx context.Context, vtpmd, swtpmSetup, swtpm, dir stri
 		return nil, fmt.Errorf("provisioning: %w", err)
 	}
 	return p, nil
+}
+
+// measureKeyRelease measures the guardian's share of a VM's start.
+func measureKeyRelease(ctx context.Context, vtpmd, guardian, etcd, dir string, runs int, prog *progress) (*report.KeyRelease, error) {
+	if guardian == "" {
+		guardian = filepath.Join(filepath.Dir(vtpmd), "vtpmd-guardian")
+	}
+	if _, err := os.Stat(guardian); err != nil {
+		return nil, fmt.Errorf("-guardian: %w (`make build` makes bin/vtpmd-guardian; -guardian-runs 0 skips the guardian)", err)
+	}
+	if _, err := os.Stat(etcd); err != nil {
+		fmt.Fprintf(os.Stderr, "vtpmbench: %s is not installed (package etcd-server); measuring the guardian without the 3-replica setup\n", etcd)
+	}
+	k, err := keyrelease.Run(ctx, keyrelease.Config{Vtpmd: vtpmd, Guardian: guardian, Etcd: etcd, Runs: runs, Dir: dir, Progress: prog.show})
+	prog.done()
+	if err != nil {
+		return nil, fmt.Errorf("guardian: %w", err)
+	}
+	return k, nil
 }
 
 // rerender writes the report of an earlier run's JSON again.

@@ -34,6 +34,8 @@ type Report struct {
 	Startup []Startup
 	// Provisioning compares the provisioning of a new TPM, if measured.
 	Provisioning *Provisioning `json:",omitempty"`
+	// KeyRelease is the guardian's share of a VM's start, if measured.
+	KeyRelease *KeyRelease `json:",omitempty"`
 	// Notes are remarks made during the run (skipped measurements).
 	Notes []string
 }

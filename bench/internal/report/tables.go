@@ -395,6 +395,9 @@ func (r *Report) tables() []table {
 	if r.Provisioning != nil && len(r.Provisioning.Tools) > 0 {
 		ts = append(ts, r.provisioningTable())
 	}
+	if r.KeyRelease != nil && len(r.KeyRelease.Setups) > 0 {
+		ts = append(ts, r.keyReleaseTable())
+	}
 	ts = append(ts, r.opsTable())
 	return ts
 }
