@@ -11,31 +11,18 @@ import (
 	"testing"
 
 	"github.com/google/go-attestation/attest"
-	"github.com/google/go-tpm-tools/simulator"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"github.com/vtpmd/vtpmd/internal/measuredboot"
+	"github.com/vtpmd/vtpmd/internal/measuredboot/measuredboottest"
 	"github.com/vtpmd/vtpmd/sealing/guardian"
 )
 
-// simTPM is the in-process simulator as a host TPM; Close leaves it open.
-type simTPM struct{ *simulator.Simulator }
-
-func (simTPM) Close() error { return nil }
-
-// bootedTPM starts the simulator (one per process: the test closes it),
-// replays boot into it, and writes boot's event log.
+// bootedTPM is the simulator as a host TPM after boot.
 func bootedTPM(t *testing.T, boot []measuredboot.Event) *TPM {
 	t.Helper()
-	sim, err := simulator.Get()
-	require.NoError(t, err)
-	t.Cleanup(func() { sim.Close() })
-	require.NoError(t, measuredboot.Replay(sim, boot))
-	log, err := measuredboot.Encode(boot)
-	require.NoError(t, err)
-	path := filepath.Join(t.TempDir(), "binary_bios_measurements")
-	require.NoError(t, os.WriteFile(path, log, 0o644))
-	return &TPM{Open: func() (io.ReadWriteCloser, error) { return simTPM{sim}, nil }, EventLog: path}
+	open, eventLog := measuredboottest.Booted(t, boot)
+	return &TPM{Open: open, EventLog: eventLog}
 }
 
 func TestTPMEvidenceVerifiesWithGoAttestation(t *testing.T) {

@@ -2,7 +2,6 @@ package server
 
 import (
 	"context"
-	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
@@ -12,10 +11,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/go-tpm-tools/simulator"
 	"github.com/stretchr/testify/require"
 
 	"github.com/vtpmd/vtpmd/internal/measuredboot"
+	"github.com/vtpmd/vtpmd/internal/measuredboot/measuredboottest"
 	"github.com/vtpmd/vtpmd/sealing/guardian"
 	"github.com/vtpmd/vtpmd/sealing/guardian/host"
 )
@@ -120,24 +119,14 @@ func (f *fabric) audit(t *testing.T) []guardian.AuditEntry {
 	return l.Entries
 }
 
-// simTPM is the in-process simulator as a host TPM; Close leaves it open.
-type simTPM struct{ *simulator.Simulator }
-
-func (simTPM) Close() error { return nil }
-
-// bootedHost is a TPM-mode host: the simulator (one per process; the test
-// closes it) after boot was replayed into it, and boot's event log.
+// bootedHost is a TPM-mode host: the simulator after boot, and boot's
+// event log.
 func bootedHost(t *testing.T, boot []measuredboot.Event) (*host.TPM, []byte) {
 	t.Helper()
-	sim, err := simulator.Get()
+	open, eventLog := measuredboottest.Booted(t, boot)
+	log, err := os.ReadFile(eventLog)
 	require.NoError(t, err)
-	t.Cleanup(func() { sim.Close() })
-	require.NoError(t, measuredboot.Replay(sim, boot))
-	log, err := measuredboot.Encode(boot)
-	require.NoError(t, err)
-	path := filepath.Join(t.TempDir(), "binary_bios_measurements")
-	require.NoError(t, os.WriteFile(path, log, 0o644))
-	return &host.TPM{Open: func() (io.ReadWriteCloser, error) { return simTPM{sim}, nil }, EventLog: path}, log
+	return &host.TPM{Open: open, EventLog: eventLog}, log
 }
 
 func hostKeyHost(t *testing.T) *host.HostKey {
