@@ -15,10 +15,10 @@ import (
 	"github.com/vtpmd/vtpmd/sealing/guardian/host/guardiantest"
 )
 
-// haStartDeadline is the hosts' start deadline in the HA test: long enough
+// guardianStartDeadline is the hosts' start deadline with real guardians: long enough
 // for an attestation on a loaded machine, short enough that a start with
 // every replica down fails quickly.
-const haStartDeadline = 5 * time.Second
+const guardianStartDeadline = 5 * time.Second
 
 // Three vtpmd-guardian replicas on a three-member etcd (Debian's etcd, real
 // processes), end to end with vtpmd: a host registered and given its
@@ -63,7 +63,7 @@ func TestGuardianReplicasOnEtcd(t *testing.T) {
 			urls = append(urls, r.URL)
 		}
 		path := filepath.Join(dir, fmt.Sprintf("%s-%d-guardian.json", name, len(urls)))
-		require.NoError(t, os.WriteFile(path, []byte(fabric.HostConfig(urls, name, haStartDeadline, more)), 0o644))
+		require.NoError(t, os.WriteFile(path, []byte(fabric.HostConfig(urls, name, guardianStartDeadline, more)), 0o644))
 		return path
 	}
 
@@ -107,8 +107,8 @@ func TestGuardianReplicasOnEtcd(t *testing.T) {
 	start := time.Now()
 	assert.False(t, late.init(t), "CMD_INIT with every replica down")
 	took := time.Since(start)
-	assert.Less(t, took, haStartDeadline+25*time.Second, "bounded by the start deadline")
-	assert.GreaterOrEqual(t, took, haStartDeadline/2, "failover retried until the deadline")
+	assert.Less(t, took, guardianStartDeadline+25*time.Second, "bounded by the start deadline")
+	assert.GreaterOrEqual(t, took, guardianStartDeadline/2, "failover retried until the deadline")
 	text := late.logText(t)
 	assert.Contains(t, text, "guardian unreachable")
 	for _, r := range replicas {

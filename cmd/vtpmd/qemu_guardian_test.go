@@ -33,7 +33,7 @@ func TestQEMUBootWithGuardian(t *testing.T) {
 	urls := []string{r.URL}
 	config := func(name, tpm string) string {
 		path := filepath.Join(dir, name+"-guardian.json")
-		require.NoError(t, os.WriteFile(path, []byte(fabric.HostConfig(urls, name, haStartDeadline, tpm)), 0o644))
+		require.NoError(t, os.WriteFile(path, []byte(fabric.HostConfig(urls, name, guardianStartDeadline, tpm)), 0o644))
 		require.NoError(t, fabric.Register(urls, name, "rack1", hostIdentity(t, path)))
 		return path
 	}
