@@ -15,9 +15,9 @@ import (
 	"github.com/vtpmd/vtpmd/sealing/guardian/host/guardiantest"
 )
 
-// guardianStartDeadline is the hosts' start deadline with real guardians: long enough
-// for an attestation on a loaded machine, short enough that a start with
-// every replica down fails quickly.
+// guardianStartDeadline is the hosts' start deadline with real guardians:
+// long enough for an attestation on a loaded machine, short enough that a
+// start with every replica down fails quickly.
 const guardianStartDeadline = 5 * time.Second
 
 // Three vtpmd-guardian replicas on a three-member etcd (Debian's etcd, real
