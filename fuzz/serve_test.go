@@ -60,7 +60,7 @@ func FuzzWorkerMessage(f *testing.F) {
 		workerproto.Ready{}, workerproto.Get{VMID: "0123"}, workerproto.Record{Record: rec}, workerproto.NotFound{},
 		workerproto.Put{Record: rec}, workerproto.Ack{Generation: 7}, workerproto.Error{Message: "disk full"},
 		workerproto.StatsRequest{}, workerproto.Stats{Commands: []workerproto.CommandStats{{Code: 0x17b, Count: 2, Nanos: 7, Buckets: []uint64{1, 1}}, {}},
-			Guardian: []workerproto.GuardianCalls{{Op: "release", Result: "ok", Count: 3}, {Op: "attest", Result: "baseline_mismatch", Count: 1}}},
+			Guardian: []workerproto.GuardianCalls{{Op: "release", Result: "ok", Count: 3}, {Op: "attest", Result: "baseline_mismatch", Count: 1}}, Direct: 2},
 		workerproto.Guardian{VMID: "0123", Config: []byte(`{"urls":["https://g1:8443"],"ca_file":"/etc/vtpmd/guardian-ca.pem","host":"h1"}`)},
 		workerproto.GetProtector{VMID: "0123"}, workerproto.Protector{Data: []byte(`{"version":1,"vm_id":"0123"}`)},
 		workerproto.PutProtector{VMID: "0123", Data: []byte(`{"version":1,"vm_id":"0123"}`)},

@@ -16,6 +16,7 @@ package transport
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 // vtpm.DirectExec's function.
@@ -37,8 +38,56 @@ enum {
 	TR_WRITE_ERR = 3, // writing a response failed (err)
 };
 
+// DirectStats' table: per command code, how many, their total duration and
+// how many fell in each bucket (the first bound at or above the duration, as
+// metrics.Commands.Observe; none beyond the last). One loop writes at a time
+// (it holds the device); Go reads at any time: the count is stored before
+// the buckets, so buckets read before the count never add up to more.
+enum {
+	TR_CODE_FIRST = 0x11f, // TPM_CC_FIRST
+	TR_CODES = 256,        // from TPM_CC_FIRST; the slot after: every other code
+	TR_BOUNDS = 24,
+};
+
+struct tr_count {
+	uint64_t count, nanos, buckets[TR_BOUNDS];
+};
+
+struct tr_stats {
+	uint64_t bounds[TR_BOUNDS]; // nanoseconds
+	int nbounds;
+	struct tr_count by[TR_CODES + 1];
+};
+
+static uint64_t tr_now(void) {
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+static void tr_add(uint64_t *p, uint64_t n) { __atomic_store_n(p, *p + n, __ATOMIC_RELEASE); }
+
+// tr_record counts a command of the code that started at start (tr_now).
+static void tr_record(struct tr_stats *s, uint32_t code, uint64_t start) {
+	uint64_t d = tr_now() - start;
+	uint32_t slot = code - TR_CODE_FIRST;
+	if (slot >= TR_CODES)
+		slot = TR_CODES;
+	struct tr_count *c = &s->by[slot];
+	tr_add(&c->count, 1);
+	tr_add(&c->nanos, d);
+	for (int i = 0; i < s->nbounds; i++) {
+		if (d <= s->bounds[i]) {
+			tr_add(&c->buckets[i], 1);
+			break;
+		}
+	}
+}
+
 struct tr_loop {
 	int fd, wakefd;
+	struct tr_stats *stats; // or NULL: nothing counted
+	uint64_t held_start;    // when the held command started, for stats
 	uint8_t in[TR_IN];
 	uint32_t have;
 	uint8_t out[TR_OUT];
@@ -93,6 +142,7 @@ static int tr_run(struct tr_loop *l, void *exec_ptr, uint32_t buffer_size) {
 				const uint8_t *cmd = h + hdr;
 				uint8_t *resp = l->out + (framed ? 4 : 0);
 				uint32_t rn = TR_MAX;
+				uint64_t start = l->stats ? tr_now() : 0;
 				int outcome = exec(cmd, size, resp, &rn, buffer_size);
 				l->commands++;
 				l->last_ordinal = tr_be32(cmd + 6);
@@ -108,9 +158,15 @@ static int tr_run(struct tr_loop *l, void *exec_ptr, uint32_t buffer_size) {
 				l->have -= hdr + size;
 				memmove(l->in, l->in + hdr + size, l->have);
 				if (outcome != 0) {
+					// Counted once Go has stored the state (tr_record_held).
 					l->outcome = outcome;
+					l->held_start = start;
 					return TR_HELD;
 				}
+				// Counted before the response goes: a client that has it
+				// finds it in the counts.
+				if (l->stats)
+					tr_record(l->stats, l->last_ordinal, start);
 				if (tr_write(l, l->out, l->out_n) < 0)
 					return TR_WRITE_ERR;
 				continue;
@@ -140,6 +196,11 @@ static int tr_run(struct tr_loop *l, void *exec_ptr, uint32_t buffer_size) {
 	}
 }
 
+static void tr_record_held(struct tr_loop *l) {
+	if (l->stats)
+		tr_record(l->stats, l->last_ordinal, l->held_start);
+}
+
 // tr_read reads up to n bytes into p for Go's path, waiting at most
 // timeout_ms (-1: no limit). It returns the count, 0 at the end of the
 // stream, -1 on an error (err), -2 at the timeout, -3 when closing.
@@ -167,11 +228,12 @@ static ssize_t tr_read(struct tr_loop *l, uint8_t *p, size_t n, int timeout_ms) 
 	}
 }
 
-static struct tr_loop *tr_new(int fd) {
+static struct tr_loop *tr_new(int fd, struct tr_stats *stats) {
 	struct tr_loop *l = calloc(1, sizeof *l);
 	if (l == NULL)
 		return NULL;
 	l->fd = fd;
+	l->stats = stats;
 	l->wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	if (l->wakefd < 0) {
 		free(l);
@@ -207,7 +269,9 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 	"unsafe"
@@ -220,13 +284,66 @@ type directTPM interface {
 	RunDirect(ctx context.Context, wake func(), loop func(vtpm.DirectExec) vtpm.DirectRun) (bool, error)
 }
 
+// DirectStats counts the commands that a Server's direct loops run, which
+// never reach its TPM's Execute: by command code, with their duration (the
+// engine's, and the state's storing when a command changed it) in a
+// histogram. The loop counts in C, before it sends the response, with no
+// system call (the clock is read through the vDSO); Each reads the counts
+// at any time.
+type DirectStats struct {
+	s *C.struct_tr_stats
+}
+
+// NewDirectStats makes the counts of a histogram of bounds, in increasing
+// order: a command goes in the first bucket whose bound it does not exceed.
+func NewDirectStats(bounds []time.Duration) (*DirectStats, error) {
+	if len(bounds) > C.TR_BOUNDS {
+		return nil, fmt.Errorf("direct loop counts: %d latency buckets, at most %d", len(bounds), C.TR_BOUNDS)
+	}
+	s := (*C.struct_tr_stats)(C.calloc(1, C.sizeof_struct_tr_stats))
+	if s == nil {
+		return nil, errors.New("direct loop counts: out of memory")
+	}
+	for i, b := range bounds {
+		s.bounds[i] = C.uint64_t(b)
+	}
+	s.nbounds = C.int(len(bounds))
+	d := &DirectStats{s: s}
+	runtime.AddCleanup(d, func(s *C.struct_tr_stats) { C.free(unsafe.Pointer(s)) }, s)
+	return d, nil
+}
+
+// Each calls f with the counts of each command code that ran: code 0
+// stands for every code outside TPM 2.0's range. buckets are f's to keep.
+func (d *DirectStats) Each(f func(code uint32, count, nanos uint64, buckets []uint64)) {
+	for slot := range d.s.by {
+		c := &d.s.by[slot]
+		buckets := make([]uint64, d.s.nbounds)
+		for i := range buckets {
+			buckets[i] = atomic.LoadUint64((*uint64)(unsafe.Pointer(&c.buckets[i])))
+		}
+		// The count after the buckets: never less than they add up to.
+		count := atomic.LoadUint64((*uint64)(unsafe.Pointer(&c.count)))
+		if count == 0 {
+			continue
+		}
+		code := uint32(0)
+		if slot < C.TR_CODES {
+			code = uint32(C.TR_CODE_FIRST + slot)
+		}
+		f(code, count, atomic.LoadUint64((*uint64)(unsafe.Pointer(&c.nanos))), buckets)
+	}
+	runtime.KeepAlive(d)
+}
+
 // directConn is a data connection served by the direct loop. It owns a
 // duplicate of the connection's descriptor, outside Go's netpoller: while
 // it is registered there, every request would wake the netpoller's thread.
 // Go's path reads and writes it through C as well.
 type directConn struct {
 	tpm      directTPM
-	mu       sync.Mutex // guards l against a wake-up after free
+	stats    *DirectStats // kept while l counts in it
+	mu       sync.Mutex   // guards l against a wake-up after free
 	l        *C.struct_tr_loop
 	left     []byte // bytes the loop read but did not run, for Go's path
 	deadline time.Time
@@ -254,13 +371,17 @@ func (s *Server) newDirectConn(c net.Conn) *directConn {
 		return nil
 	}
 	syscall.CloseOnExec(fd)
-	l := C.tr_new(C.int(fd))
+	var stats *C.struct_tr_stats
+	if s.DirectStats != nil {
+		stats = s.DirectStats.s
+	}
+	l := C.tr_new(C.int(fd), stats)
 	if l == nil {
 		syscall.Close(fd)
 		return nil
 	}
 	c.Close()
-	return &directConn{tpm: tpm, l: l}
+	return &directConn{tpm: tpm, stats: s.DirectStats, l: l}
 }
 
 // wake makes the loop return to Go; safe at any time, also after free.
@@ -362,6 +483,7 @@ func (s *Server) serveDirect(ctx context.Context, d *directConn) error {
 			if err != nil {
 				resp = DataCommand{Framed: d.l.framed != 0}.Marshal(vtpm.ErrorResponse(rcFailure))
 			}
+			C.tr_record_held(d.l)
 			if _, err := d.Write(resp); err != nil {
 				return fmt.Errorf("%w: %w", errDirectWrite, err)
 			}

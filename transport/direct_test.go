@@ -25,8 +25,9 @@ const (
 )
 
 // serveData serves a started TPM on a data socketpair and returns the
-// client end; store, if set, keeps the state.
-func serveData(t testing.TB, tpm func(*vtpm.Device) TPM, store vtpm.Store) (*Server, *vtpm.Device, *net.UnixConn) {
+// client end; store, if set, keeps the state; configure, if given, sets
+// the server up before it serves.
+func serveData(t testing.TB, tpm func(*vtpm.Device) TPM, store vtpm.Store, configure ...func(*Server)) (*Server, *vtpm.Device, *net.UnixConn) {
 	t.Helper()
 	if store == nil {
 		store = &vtpm.MemoryStore{}
@@ -35,6 +36,9 @@ func serveData(t testing.TB, tpm func(*vtpm.Device) TPM, store vtpm.Store) (*Ser
 	require.NoError(t, err)
 	require.NoError(t, dev.Init(false))
 	srv := &Server{TPM: tpm(dev), DataChannel: true}
+	for _, c := range configure {
+		c(srv)
+	}
 	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
 	require.NoError(t, err)
 	conns := make([]net.Conn, 2)

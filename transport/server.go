@@ -86,6 +86,8 @@ type Server struct {
 	// ReleaseLockOutgoing releases Storage once an outgoing migration has
 	// read the last state blob (--migration release-lock-outgoing).
 	ReleaseLockOutgoing bool
+	// DirectStats, if set, counts the commands the direct loop runs.
+	DirectStats *DirectStats
 
 	hasData  atomic.Bool
 	direct   atomic.Pointer[directConn]

@@ -110,6 +110,9 @@ func TestServeMetrics(t *testing.T) {
 	mf := metricFamilies(t, s.ctlOK(t, "metrics"))
 	assert.Equal(t, uint64(commands), commandCount(mf, "m"))
 	assert.Zero(t, commandCount(mf, "idle"))
+	direct, ok := metricValue(mf, "vtpmd_tpm_direct_commands_total", map[string]string{"vm": "m"})
+	require.True(t, ok)
+	assert.Equal(t, float64(commands-1), direct, "all but the data connection's first ran in the direct loop, and were counted")
 	for cmd, n := range map[string]float64{"NVWrite": rounds, "NVRead": rounds, "Startup": 1, "GetRandom": 1, "NVDefineSpace": 1} {
 		got, ok := metricValue(mf, "vtpmd_tpm_command_duration_seconds", map[string]string{"vm": "m", "command": cmd})
 		assert.True(t, ok, cmd)

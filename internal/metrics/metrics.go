@@ -3,6 +3,7 @@ package metrics
 import (
 	"encoding/binary"
 	"fmt"
+	"maps"
 	"slices"
 	"sync"
 	"time"
@@ -17,8 +18,8 @@ import (
 // generation's seconds.
 var Buckets = []float64{25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1, 2.5, 5, 10}
 
-// bounds are Buckets as durations.
-var bounds = func() []time.Duration {
+// Bounds are Buckets as durations.
+var Bounds = func() []time.Duration {
 	d := make([]time.Duration, len(Buckets))
 	for i, s := range Buckets {
 		d[i] = time.Duration(s * float64(time.Second))
@@ -42,7 +43,11 @@ func CommandCode(cmd []byte) uint32 {
 	if len(cmd) < 10 {
 		return Other
 	}
-	code := binary.BigEndian.Uint32(cmd[6:10])
+	return known(binary.BigEndian.Uint32(cmd[6:10]))
+}
+
+// known is code if it is a TPM 2.0 command code, else Other.
+func known(code uint32) uint32 {
 	if _, ok := commandNames[tpm2.TPMCC(code)]; !ok {
 		return Other
 	}
@@ -51,14 +56,14 @@ func CommandCode(cmd []byte) uint32 {
 
 // Observe counts one command of the code (see CommandCode) that took d.
 func (c *Commands) Observe(code uint32, d time.Duration) {
-	i, _ := slices.BinarySearch(bounds, d)
+	i, _ := slices.BinarySearch(Bounds, d)
 	c.mu.Lock()
 	s := c.byCode[code]
 	if s == nil {
 		if c.byCode == nil {
 			c.byCode = map[uint32]*workerproto.CommandStats{}
 		}
-		s = &workerproto.CommandStats{Code: code, Buckets: make([]uint64, len(bounds))}
+		s = &workerproto.CommandStats{Code: code, Buckets: make([]uint64, len(Bounds))}
 		c.byCode[code] = s
 	}
 	s.Count++
@@ -69,16 +74,32 @@ func (c *Commands) Observe(code uint32, d time.Duration) {
 	c.mu.Unlock()
 }
 
-// Stats is a snapshot of the counts, by code.
-func (c *Commands) Stats() workerproto.Stats {
+// Stats is a snapshot of the counts, by code, with more added: counts kept
+// elsewhere (the direct data loop's) with Bounds' buckets, whose codes need
+// not be known.
+func (c *Commands) Stats(more ...workerproto.CommandStats) workerproto.Stats {
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	out := workerproto.Stats{Commands: make([]workerproto.CommandStats, 0, len(c.byCode))}
-	for _, s := range c.byCode {
+	byCode := make(map[uint32]workerproto.CommandStats, len(c.byCode)+len(more))
+	for code, s := range c.byCode {
 		cp := *s
 		cp.Buckets = slices.Clone(s.Buckets)
-		out.Commands = append(out.Commands, cp)
+		byCode[code] = cp
 	}
+	c.mu.Unlock()
+	for _, m := range more {
+		code := known(m.Code)
+		s, ok := byCode[code]
+		if !ok {
+			s = workerproto.CommandStats{Code: code, Buckets: make([]uint64, len(Bounds))}
+		}
+		s.Count += m.Count
+		s.Nanos += m.Nanos
+		for i := range min(len(s.Buckets), len(m.Buckets)) {
+			s.Buckets[i] += m.Buckets[i]
+		}
+		byCode[code] = s
+	}
+	out := workerproto.Stats{Commands: slices.Collect(maps.Values(byCode))}
 	slices.SortFunc(out.Commands, func(a, b workerproto.CommandStats) int { return int(int64(a.Code) - int64(b.Code)) })
 	return out
 }

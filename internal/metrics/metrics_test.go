@@ -53,6 +53,36 @@ func TestCommands(t *testing.T) {
 	assert.Equal(t, uint64(1), getRandom.Buckets[0])
 }
 
+// Counts kept elsewhere (the direct loop's) add to those observed, by code,
+// codes that are no TPM 2.0 command's as "other"; the snapshot leaves the
+// counts as they were.
+func TestCommandsStatsWithMore(t *testing.T) {
+	var c Commands
+	c.Observe(uint32(tpm2.TPMCCGetRandom), 30*time.Microsecond)
+	c.Observe(uint32(tpm2.TPMCCStartup), 30*time.Microsecond)
+	buckets := func(i int, n uint64) []uint64 {
+		b := make([]uint64, len(Buckets))
+		b[i] = n
+		return b
+	}
+	st := c.Stats(
+		workerproto.CommandStats{Code: uint32(tpm2.TPMCCGetRandom), Count: 3, Nanos: 60000, Buckets: buckets(1, 3)},
+		workerproto.CommandStats{Code: uint32(tpm2.TPMCCNVWrite), Count: 2, Nanos: 2000000, Buckets: buckets(5, 2)},
+		workerproto.CommandStats{Code: 0x1ff, Count: 1, Nanos: 1, Buckets: buckets(0, 1)},
+		workerproto.CommandStats{Code: Other, Count: 2, Nanos: 1, Buckets: buckets(0, 1)},
+	)
+	assert.Equal(t, []workerproto.CommandStats{
+		{Code: Other, Count: 3, Nanos: 2, Buckets: buckets(0, 2)},
+		{Code: uint32(tpm2.TPMCCNVWrite), Count: 2, Nanos: 2000000, Buckets: buckets(5, 2)},
+		{Code: uint32(tpm2.TPMCCStartup), Count: 1, Nanos: 30000, Buckets: buckets(1, 1)},
+		{Code: uint32(tpm2.TPMCCGetRandom), Count: 4, Nanos: 90000, Buckets: buckets(1, 4)},
+	}, st.Commands)
+	assert.Equal(t, []workerproto.CommandStats{
+		{Code: uint32(tpm2.TPMCCStartup), Count: 1, Nanos: 30000, Buckets: buckets(1, 1)},
+		{Code: uint32(tpm2.TPMCCGetRandom), Count: 1, Nanos: 30000, Buckets: buckets(1, 1)},
+	}, c.Stats().Commands)
+}
+
 // A worker's counts that do not fit the buckets are refused.
 func TestCumulativeRefuses(t *testing.T) {
 	_, err := Cumulative(workerproto.CommandStats{Code: 1, Count: 1, Buckets: []uint64{1}})

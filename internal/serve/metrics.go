@@ -21,6 +21,9 @@ var (
 	descCommand = prometheus.NewDesc("vtpmd_tpm_command_duration_seconds",
 		"TPM commands the VM's worker executed, by command name (\"other\" for a code that is no TPM 2.0 command), and how long the engine took; reset when the worker restarts.",
 		[]string{"vm", "command"}, nil)
+	descDirect = prometheus.NewDesc("vtpmd_tpm_direct_commands_total",
+		"Of the VM's TPM commands, those its worker ran in the direct data loop, in C (the others went through Go: a connection's first command, the control channel's, odd input); reset when the worker restarts.",
+		[]string{"vm"}, nil)
 	descUp = prometheus.NewDesc("vtpmd_worker_up",
 		"1 while the VM's worker serves, 0 while it starts, restarts or stops; only VMs that are to run.",
 		[]string{"vm"}, nil)
@@ -67,7 +70,7 @@ func (p slogPrinter) Println(v ...any) { p.s.log.Warn("metrics", "err", v) }
 type vmCollector struct{ s *Supervisor }
 
 func (vmCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descCommand, descUp, descRestarts, descGuardian, descSyncs} {
+	for _, d := range []*prometheus.Desc{descCommand, descDirect, descUp, descRestarts, descGuardian, descSyncs} {
 		ch <- d
 	}
 }
@@ -115,6 +118,7 @@ func (r *vmRun) collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstHistogram(descCommand, cs.Count, time.Duration(cs.Nanos).Seconds(), buckets, name, metrics.CommandName(cs.Code))
 	}
+	ch <- prometheus.MustNewConstMetric(descDirect, prometheus.CounterValue, float64(st.Direct), name)
 	seen := map[workerproto.GuardianCalls]bool{}
 	for _, g := range st.Guardian {
 		key := workerproto.GuardianCalls{Op: g.Op, Result: g.Result}

@@ -60,7 +60,11 @@ func Run(ctx context.Context, c Config) error {
 	}
 	var cmds metrics.Commands
 	var calls metrics.GuardianCalls
-	records := newRemote(ch, &cmds, &calls)
+	direct, err := transport.NewDirectStats(metrics.Bounds)
+	if err != nil {
+		return err
+	}
+	records := newRemote(ch, &cmds, direct, &calls)
 	sealed := &vmstate.Sealed{Store: records}
 	switch m := msg.(type) {
 	case workerproto.Key:
@@ -91,7 +95,7 @@ func Run(ctx context.Context, c Config) error {
 			return fmt.Errorf("power on and start the TPM: %w", err)
 		}
 	}
-	srv := &transport.Server{TPM: metered{TPM: dev, cmds: &cmds}, Log: log, DataChannel: c.Data != nil || c.VsockData != nil}
+	srv := &transport.Server{TPM: metered{Device: dev, cmds: &cmds}, DirectStats: direct, Log: log, DataChannel: c.Data != nil || c.VsockData != nil}
 	listeners, err := c.listeners()
 	if err != nil {
 		dev.Close()
@@ -192,16 +196,18 @@ func (c *Config) listeners() ([]listener, error) {
 }
 
 // metered counts the TPM commands the device executes (no system call:
-// the clock is read through the vDSO).
+// the clock is read through the vDSO). The commands of the direct loop
+// (the Device's RunDirect) do not come through Execute: the loop counts
+// them in the Server's DirectStats.
 type metered struct {
-	transport.TPM
+	*vtpm.Device
 	cmds *metrics.Commands
 }
 
 func (m metered) Execute(ctx context.Context, cmd []byte) []byte {
 	code := metrics.CommandCode(cmd)
 	start := time.Now()
-	resp := m.TPM.Execute(ctx, cmd)
+	resp := m.Device.Execute(ctx, cmd)
 	m.cmds.Observe(code, time.Since(start))
 	return resp
 }
@@ -245,11 +251,26 @@ type remote struct {
 	closed  chan struct{}
 	readErr error
 	cmds    *metrics.Commands
+	direct  *transport.DirectStats
 	calls   *metrics.GuardianCalls
 }
 
-func newRemote(ch net.Conn, cmds *metrics.Commands, calls *metrics.GuardianCalls) *remote {
-	return &remote{w: ch, r: ch, replies: make(chan workerproto.Message, 1), closed: make(chan struct{}), cmds: cmds, calls: calls}
+func newRemote(ch net.Conn, cmds *metrics.Commands, direct *transport.DirectStats, calls *metrics.GuardianCalls) *remote {
+	return &remote{w: ch, r: ch, replies: make(chan workerproto.Message, 1), closed: make(chan struct{}), cmds: cmds, direct: direct, calls: calls}
+}
+
+// stats are the worker's counts: Execute's and the direct loop's.
+func (r *remote) stats() workerproto.Stats {
+	var more []workerproto.CommandStats
+	var direct uint64
+	r.direct.Each(func(code uint32, count, nanos uint64, buckets []uint64) {
+		more = append(more, workerproto.CommandStats{Code: code, Count: count, Nanos: nanos, Buckets: buckets})
+		direct += count
+	})
+	st := r.cmds.Stats(more...)
+	st.Direct = direct
+	st.Guardian = r.calls.Stats()
+	return st
 }
 
 // read passes the supervisor's replies on until the channel closes.
@@ -262,9 +283,7 @@ func (r *remote) read() {
 			return
 		}
 		if _, ok := m.(workerproto.StatsRequest); ok {
-			st := r.cmds.Stats()
-			st.Guardian = r.calls.Stats()
-			if err := r.send(st); err != nil {
+			if err := r.send(r.stats()); err != nil {
 				r.readErr = err
 				return
 			}

@@ -136,6 +136,8 @@ type StatsRequest struct{}
 type Stats struct {
 	Commands []CommandStats
 	Guardian []GuardianCalls
+	// Direct is how many of the commands ran in the direct data loop.
+	Direct uint64
 }
 
 // GuardianCalls counts a worker's calls to the guardian of one op
@@ -258,6 +260,7 @@ func (s Stats) appendFields(b []byte) ([]byte, error) {
 		}
 		b = binary.BigEndian.AppendUint64(b, g.Count)
 	}
+	b = binary.BigEndian.AppendUint64(b, s.Direct)
 	return b, nil
 }
 
@@ -455,6 +458,7 @@ func (d *decoder) stats() Stats {
 			return Stats{}
 		}
 	}
+	s.Direct = d.u64()
 	return s
 }
 

@@ -20,7 +20,7 @@ func Messages() []Message {
 		Key{VMID: "0123", KeyID: "host:abcd", Secret: bytes.Repeat([]byte{7}, KeySize)},
 		Ready{}, Get{VMID: "0123"}, Record{Record: rec}, NotFound{}, Put{Record: rec},
 		Ack{Generation: 7}, Error{Message: "disk full"}, StatsRequest{},
-		Stats{Commands: []CommandStats{{Code: 0x17b, Count: 3, Nanos: 90000, Buckets: []uint64{1, 2, 0}}, {Code: 0, Count: 1, Nanos: 5}}},
+		Stats{Commands: []CommandStats{{Code: 0x17b, Count: 3, Nanos: 90000, Buckets: []uint64{1, 2, 0}}, {Code: 0, Count: 1, Nanos: 5}}, Direct: 3},
 		Stats{Guardian: []GuardianCalls{{Op: "release", Result: "ok", Count: 2}, {Op: "nonce", Result: "unreachable", Count: 1}}},
 		Guardian{VMID: "0123", Config: []byte(`{"urls":["https://g1:8443"],"ca_file":"/etc/vtpmd/ca.pem"}`)},
 		GetProtector{VMID: "0123"}, Protector{Data: []byte(`{"version":1}`)}, PutProtector{VMID: "0123", Data: []byte(`{"version":1}`)},
