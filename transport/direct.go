@@ -40,9 +40,10 @@ enum {
 
 // DirectStats' table: per command code, how many, their total duration and
 // how many fell in each bucket (the first bound at or above the duration, as
-// metrics.Commands.Observe; none beyond the last). One loop writes at a time
-// (it holds the device); Go reads at any time: the count is stored before
-// the buckets, so buckets read before the count never add up to more.
+// metrics.Commands.Observe; none beyond the last). Atomic additions: a
+// loop and another connection's Go path (tr_record_held) may count at once,
+// and Go reads at any time. The count goes first, so buckets read before the
+// count never add up to more.
 enum {
 	TR_CODE_FIRST = 0x11f, // TPM_CC_FIRST
 	TR_CODES = 256,        // from TPM_CC_FIRST; the slot after: every other code
@@ -65,7 +66,7 @@ static uint64_t tr_now(void) {
 	return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
 }
 
-static void tr_add(uint64_t *p, uint64_t n) { __atomic_store_n(p, *p + n, __ATOMIC_RELEASE); }
+static void tr_add(uint64_t *p, uint64_t n) { __atomic_fetch_add(p, n, __ATOMIC_RELEASE); }
 
 // tr_record counts a command of the code that started at start (tr_now).
 static void tr_record(struct tr_stats *s, uint32_t code, uint64_t start) {

@@ -3,7 +3,10 @@
 // command recorder, and the command names.
 //
 // A worker counts its TPM commands in a Commands, in memory: a lock and a
-// few additions per command, no system call and no message. The supervisor
+// few additions per command, no system call and no message. The commands its
+// direct data loop runs in C never reach Go: the loop counts them itself in
+// a table of the same buckets (Bounds; transport.DirectStats), which the
+// worker adds to its Commands' snapshot (Commands.Stats) when asked. The supervisor
 // asks each worker for a snapshot (workerproto.Stats) when it is scraped,
 // and exposes them with the VM's name as vtpmd_tpm_command_duration_seconds
 // (see package serve). A worker's counts start at zero, so a VM's series

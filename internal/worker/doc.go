@@ -28,7 +28,10 @@
 // serves. Inherited vsock sockets are served too, to the VM's guest CID
 // only. The worker counts its TPM commands by command code with their
 // latency, and its guardian calls by op and result, in memory, and sends
-// the counts when the supervisor asks (package metrics).
+// the counts when the supervisor asks (package metrics). Its data
+// connections are served by the transport's direct loop, in C, which counts
+// the commands it runs in the worker's transport.DirectStats before each
+// response goes, without coming back to Go for it.
 //
 // The worker ends on SIGTERM (the supervisor stops the VM), after
 // CMD_SHUTDOWN (QEMU is done with the TPM; the supervisor starts a fresh
