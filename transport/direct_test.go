@@ -11,6 +11,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -172,14 +173,21 @@ func TestDirectLoopYieldsToControl(t *testing.T) {
 // BenchmarkDataRoundTrip: a GetRandom(32) answered over a unix socketpair,
 // in the direct loop and in Go's path. The client uses blocking system
 // calls, as a VM's does from its own process, so that Go's scheduler
-// serves only the server.
+// serves only the server. direct-counted counts the commands in
+// DirectStats, as vtpmd serve's workers do.
 func BenchmarkDataRoundTrip(b *testing.B) {
+	counted := func(s *Server) {
+		stats, err := NewDirectStats([]time.Duration{25 * time.Microsecond, time.Millisecond})
+		require.NoError(b, err)
+		s.DirectStats = stats
+	}
 	for _, bc := range []struct {
-		name string
-		tpm  func(*vtpm.Device) TPM
-	}{{"direct", asDevice}, {"go", asGoPath}} {
+		name      string
+		tpm       func(*vtpm.Device) TPM
+		configure []func(*Server)
+	}{{"direct", asDevice, nil}, {"direct-counted", asDevice, []func(*Server){counted}}, {"go", asGoPath, nil}} {
 		b.Run(bc.name, func(b *testing.B) {
-			_, _, data := serveData(b, bc.tpm, nil)
+			_, _, data := serveData(b, bc.tpm, nil, bc.configure...)
 			f, err := data.File()
 			require.NoError(b, err)
 			defer f.Close()
