@@ -63,7 +63,7 @@ func serveSocket(c *socketConfig, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	vmState, err := openVMState(ctx, c.stateDir, c.stateFile, keys, !c.incoming)
+	vmState, err := openVMState(ctx, c.stateDir, c.stateFile, keys, false)
 	if err != nil {
 		return err
 	}
@@ -73,12 +73,27 @@ func serveSocket(c *socketConfig, log *slog.Logger) error {
 	} else {
 		log.Info("state is encrypted; its key is obtained when the TPM starts", "protection", keys.Protection())
 	}
+	// The store's open mostly waits for the disk's syncs and the engine's
+	// start is CPU work (the crypto library's first use): take the lock
+	// while the engine starts, after Key, which would wait for it.
+	locked := make(chan error, 1)
+	if c.incoming {
+		locked <- nil // the lock is taken when the migration's state arrives
+	} else {
+		go func() { locked <- vmState.Lock(0) }()
+	}
 	dev, err := vtpm.Open(vtpm.Config{
 		Store:               vmState,
 		Logger:              log,
 		DisableAutoShutdown: c.disableAutoShutdown,
 		RejectLocality4:     c.rejectLocality4,
 	})
+	if lockErr := <-locked; lockErr != nil {
+		if err == nil {
+			dev.Close()
+		}
+		return lockErr
+	}
 	if err != nil {
 		return err
 	}
