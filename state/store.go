@@ -21,9 +21,10 @@ var ErrLocked = errors.New("state store is in use by another process")
 
 // Store is a pebble database of state records.
 type Store struct {
-	dir   string
-	db    *pebble.DB
-	cache *pebble.Cache
+	dir      string
+	db       *pebble.DB
+	cache    *pebble.Cache
+	readOnly bool
 }
 
 // Options configures Open.
@@ -63,15 +64,22 @@ func Open(dir string, o Options) (*Store, error) {
 		}
 		return nil, fmt.Errorf("open state store %s: %w", dir, err)
 	}
-	return &Store{dir: dir, db: db, cache: cache}, nil
+	return &Store{dir: dir, db: db, cache: cache, readOnly: o.ReadOnly}, nil
 }
 
 // Dir is the store's directory.
 func (s *Store) Dir() string { return s.dir }
 
-// Close closes the store, releasing its lock.
+// Close closes the store, releasing its lock. A writable store flushes
+// its memtable first, so that the next open has no log to replay: an open
+// writes what it replays into a table, with its syncs, before the TPM can
+// answer.
 func (s *Store) Close() error {
-	err := s.db.Close()
+	var err error
+	if !s.readOnly {
+		err = s.db.Flush()
+	}
+	err = errors.Join(err, s.db.Close())
 	s.cache.Unref()
 	if err != nil {
 		return fmt.Errorf("close state store %s: %w", s.dir, err)
