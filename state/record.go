@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"time"
+
+	"github.com/vtpmd/vtpmd/internal/wire"
 )
 
 // Record is one VM's stored state.
@@ -38,82 +40,38 @@ func (r *Record) MarshalBinary() ([]byte, error) {
 	b := make([]byte, 0, 4+1+2+len(r.VMID)+8+8+2+len(r.Engine)+4+len(r.Sealed))
 	b = append(b, recordMagic...)
 	b = append(b, recordVersion)
-	b = appendString(b, r.VMID)
+	b = wire.AppendString(b, r.VMID)
 	b = binary.BigEndian.AppendUint64(b, r.Generation)
 	b = binary.BigEndian.AppendUint64(b, uint64(r.Created.UnixNano()))
-	b = appendString(b, r.Engine)
+	b = wire.AppendString(b, r.Engine)
 	b = binary.BigEndian.AppendUint32(b, uint32(len(r.Sealed)))
 	return append(b, r.Sealed...), nil
 }
 
-func appendString(b []byte, s string) []byte {
-	b = binary.BigEndian.AppendUint16(b, uint16(len(s)))
-	return append(b, s...)
-}
-
 // ParseRecord decodes a record. The result does not alias b.
 func ParseRecord(b []byte) (*Record, error) {
-	d := decoder{b: b}
-	if string(d.take(4)) != recordMagic {
+	d := wire.NewFields(b)
+	if string(d.Take(4)) != recordMagic {
 		return nil, fmt.Errorf("%w: no %q header", ErrCorrupt, recordMagic)
 	}
-	if v := d.take(1); len(v) == 1 && v[0] != recordVersion {
+	if v := d.Take(1); len(v) == 1 && v[0] != recordVersion {
 		return nil, fmt.Errorf("%w: version %d, this build reads %d", ErrCorrupt, v[0], recordVersion)
 	}
 	r := &Record{}
-	r.VMID = d.str()
-	r.Generation = d.u64()
-	r.Created = time.Unix(0, int64(d.u64())).UTC()
-	r.Engine = d.str()
-	n := d.u32()
-	r.Sealed = append([]byte(nil), d.take(int(n))...)
+	r.VMID = d.Str()
+	r.Generation = d.U64()
+	r.Created = time.Unix(0, int64(d.U64())).UTC()
+	r.Engine = d.Str()
+	n := d.U32()
+	r.Sealed = append([]byte(nil), d.Take(int(n))...)
 	switch {
-	case d.short:
+	case d.Short():
 		return nil, fmt.Errorf("%w: truncated at %d bytes", ErrCorrupt, len(b))
-	case len(d.b) != 0:
-		return nil, fmt.Errorf("%w: %d bytes after the end", ErrCorrupt, len(d.b))
+	case d.Left() != 0:
+		return nil, fmt.Errorf("%w: %d bytes after the end", ErrCorrupt, d.Left())
 	case len(r.VMID) > maxRecordText || len(r.Engine) > maxRecordText:
 		// MarshalBinary never writes these, and could not write it back.
 		return nil, fmt.Errorf("%w: VM id or engine longer than %d bytes", ErrCorrupt, maxRecordText)
 	}
 	return r, nil
 }
-
-// decoder reads big-endian fields, remembering if it ran short.
-type decoder struct {
-	b     []byte
-	short bool
-}
-
-func (d *decoder) take(n int) []byte {
-	if n < 0 || n > len(d.b) {
-		d.short, d.b = true, nil
-		return nil
-	}
-	v := d.b[:n]
-	d.b = d.b[n:]
-	return v
-}
-
-func (d *decoder) u16() uint16 {
-	if v := d.take(2); v != nil {
-		return binary.BigEndian.Uint16(v)
-	}
-	return 0
-}
-
-func (d *decoder) u32() uint32 {
-	if v := d.take(4); v != nil {
-		return binary.BigEndian.Uint32(v)
-	}
-	return 0
-}
-
-func (d *decoder) u64() uint64 {
-	if v := d.take(8); v != nil {
-		return binary.BigEndian.Uint64(v)
-	}
-	return 0
-}
-
-func (d *decoder) str() string { return string(d.take(int(d.u16()))) }

@@ -7,6 +7,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/vtpmd/vtpmd/internal/wire"
 )
 
 // A record whose VM id or engine is longer than MarshalBinary writes is
@@ -15,10 +17,10 @@ import (
 func TestRecordTextLimits(t *testing.T) {
 	record := func(vmID, engine string) []byte {
 		b := append([]byte(recordMagic), recordVersion)
-		b = appendString(b, vmID)
+		b = wire.AppendString(b, vmID)
 		b = binary.BigEndian.AppendUint64(b, 1) // generation
 		b = binary.BigEndian.AppendUint64(b, 0) // created
-		b = appendString(b, engine)
+		b = wire.AppendString(b, engine)
 		return binary.BigEndian.AppendUint32(b, 0) // sealed image length
 	}
 	limit := strings.Repeat("v", maxRecordText)

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble"
+
+	"github.com/vtpmd/vtpmd/internal/wire"
 )
 
 // VM is one VM TPM in the registry of `vtpmd serve`, kept in the same store
@@ -56,11 +58,11 @@ func (v *VM) MarshalBinary() ([]byte, error) {
 		}
 	}
 	b := append([]byte(vmMagic), vmVersion)
-	b = appendString(b, v.Name)
-	b = appendString(b, v.ID)
+	b = wire.AppendString(b, v.Name)
+	b = wire.AppendString(b, v.ID)
 	b = appendTime(b, v.Created)
-	b = appendString(b, v.Ctrl)
-	b = appendString(b, v.Data)
+	b = wire.AppendString(b, v.Ctrl)
+	b = wire.AppendString(b, v.Data)
 	var flags byte
 	if v.Running {
 		flags |= vmFlagRunning
@@ -83,28 +85,28 @@ func appendTime(b []byte, t time.Time) []byte {
 
 // ParseVM decodes a registry entry. Every error wraps ErrCorrupt.
 func ParseVM(b []byte) (*VM, error) {
-	d := decoder{b: b}
-	if string(d.take(4)) != vmMagic {
+	d := wire.NewFields(b)
+	if string(d.Take(4)) != vmMagic {
 		return nil, fmt.Errorf("%w: no %q header", ErrCorrupt, vmMagic)
 	}
-	if v := d.take(1); len(v) == 1 && v[0] != vmVersion {
+	if v := d.Take(1); len(v) == 1 && v[0] != vmVersion {
 		return nil, fmt.Errorf("%w: VM entry version %d, this build reads %d", ErrCorrupt, v[0], vmVersion)
 	}
 	v := &VM{}
-	v.Name = d.str()
-	v.ID = d.str()
-	v.Created = time.Unix(0, int64(d.u64())).UTC()
-	v.Ctrl = d.str()
-	v.Data = d.str()
-	flags := d.take(1)
+	v.Name = d.Str()
+	v.ID = d.Str()
+	v.Created = time.Unix(0, int64(d.U64())).UTC()
+	v.Ctrl = d.Str()
+	v.Data = d.Str()
+	flags := d.Take(1)
 	if len(flags) == 1 && flags[0]&vmFlagVsock != 0 {
-		v.VsockCID, v.VsockCtrl, v.VsockData = d.u32(), d.u32(), d.u32()
+		v.VsockCID, v.VsockCtrl, v.VsockData = d.U32(), d.U32(), d.U32()
 	}
 	switch {
-	case d.short:
+	case d.Short():
 		return nil, fmt.Errorf("%w: VM entry truncated at %d bytes", ErrCorrupt, len(b))
-	case len(d.b) != 0:
-		return nil, fmt.Errorf("%w: %d bytes after the VM entry", ErrCorrupt, len(d.b))
+	case d.Left() != 0:
+		return nil, fmt.Errorf("%w: %d bytes after the VM entry", ErrCorrupt, d.Left())
 	case flags[0]&^vmFlagsKnown != 0:
 		return nil, fmt.Errorf("%w: unknown VM flags %#x", ErrCorrupt, flags[0])
 	case flags[0]&vmFlagVsock != 0 && v.VsockCtrl == 0 && v.VsockData == 0:

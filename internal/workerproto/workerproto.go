@@ -26,6 +26,7 @@ import (
 	"fmt"
 	"io"
 
+	"github.com/vtpmd/vtpmd/internal/wire"
 	"github.com/vtpmd/vtpmd/state"
 )
 
@@ -268,8 +269,7 @@ func appendString(b []byte, s string) ([]byte, error) {
 	if len(s) > 0xffff {
 		return nil, fmt.Errorf("worker message: a string of %d bytes is too long", len(s))
 	}
-	b = binary.BigEndian.AppendUint16(b, uint16(len(s)))
-	return append(b, s...), nil
+	return wire.AppendString(b, s), nil
 }
 
 func appendRecord(b []byte, r *state.Record) ([]byte, error) {
@@ -338,19 +338,19 @@ func DecodeMessage(b []byte) (Message, error) {
 	if len(b) == 0 {
 		return nil, fmt.Errorf("%w: empty frame", ErrMalformed)
 	}
-	d := &decoder{b: b[1:]}
+	d := &decoder{Fields: wire.NewFields(b[1:])}
 	var m Message
 	switch t := Type(b[0]); t {
 	case TypeKey:
-		k := Key{VMID: d.str(), KeyID: d.str()}
-		k.Secret = append([]byte(nil), d.take(KeySize)...)
+		k := Key{VMID: d.Str(), KeyID: d.Str()}
+		k.Secret = append([]byte(nil), d.Take(KeySize)...)
 		m = k
 	case TypeReady:
 		m = Ready{}
 	case TypeGet:
-		m = Get{VMID: d.str()}
+		m = Get{VMID: d.Str()}
 	case TypeRecord, TypePut:
-		rec, err := state.ParseRecord(d.rest())
+		rec, err := state.ParseRecord(d.Rest())
 		if err != nil {
 			return nil, fmt.Errorf("%w: %w", ErrMalformed, err)
 		}
@@ -362,79 +362,56 @@ func DecodeMessage(b []byte) (Message, error) {
 	case TypeNotFound:
 		m = NotFound{}
 	case TypeAck:
-		m = Ack{Generation: d.u64()}
+		m = Ack{Generation: d.U64()}
 	case TypeError:
-		m = Error{Message: d.str()}
+		m = Error{Message: d.Str()}
 	case TypeStatsReq:
 		m = StatsRequest{}
 	case TypeStats:
 		m = d.stats()
 	case TypeGuardian:
-		m = Guardian{VMID: d.str(), Config: []byte(d.str())}
+		m = Guardian{VMID: d.Str(), Config: []byte(d.Str())}
 	case TypeGetProtector:
-		m = GetProtector{VMID: d.str()}
+		m = GetProtector{VMID: d.Str()}
 	case TypeProtector:
-		m = Protector{Data: append([]byte{}, d.rest()...)}
+		m = Protector{Data: append([]byte{}, d.Rest()...)}
 	case TypePutProtector:
-		m = PutProtector{VMID: d.str(), Data: append([]byte{}, d.rest()...)}
+		m = PutProtector{VMID: d.Str(), Data: append([]byte{}, d.Rest()...)}
 	case TypeKeyStatus:
-		m = KeyStatus{Err: d.str()}
+		m = KeyStatus{Err: d.Str()}
 	default:
 		return nil, fmt.Errorf("%w: unknown type %d", ErrMalformed, t)
 	}
 	switch {
-	case d.short:
+	case d.Short():
 		return nil, fmt.Errorf("%w: type %d cut short at %d bytes", ErrMalformed, b[0], len(b))
 	case d.bad != "":
 		return nil, fmt.Errorf("%w: type %d: %s", ErrMalformed, b[0], d.bad)
-	case len(d.b) != 0:
-		return nil, fmt.Errorf("%w: %d bytes after a message of type %d", ErrMalformed, len(d.b), b[0])
+	case d.Left() != 0:
+		return nil, fmt.Errorf("%w: %d bytes after a message of type %d", ErrMalformed, d.Left(), b[0])
 	}
 	return m, nil
 }
 
+// decoder reads a message's fields, and why they do not decode when they
+// are not short.
 type decoder struct {
-	b     []byte
-	short bool
-	bad   string // why the fields do not decode, if not short
-}
-
-func (d *decoder) take(n int) []byte {
-	if n > len(d.b) {
-		d.short, d.b = true, nil
-		return nil
-	}
-	v := d.b[:n]
-	d.b = d.b[n:]
-	return v
-}
-
-func (d *decoder) rest() []byte {
-	v := d.b
-	d.b = nil
-	return v
-}
-
-func (d *decoder) str() string {
-	n := d.take(2)
-	if n == nil {
-		return ""
-	}
-	return string(d.take(int(binary.BigEndian.Uint16(n))))
+	*wire.Fields
+	bad string
 }
 
 // stats decodes Stats. The counts are taken as sent: they only feed the
 // metrics.
 func (d *decoder) stats() Stats {
-	n := d.take(2)
+	n := d.Take(2)
 	if n == nil {
 		return Stats{}
 	}
 	var s Stats
 	for range binary.BigEndian.Uint16(n) {
-		c := CommandStats{Code: d.u32(), Count: d.u64(), Nanos: d.u64()}
-		nb := d.take(1)
-		if d.short {
+		c := CommandStats{Code: d.U32(), Count: d.U64(), Nanos: d.U64()}
+		nb := d.Take(1)
+		if d.Short() {
 			return Stats{}
 		}
 		if nb[0] > maxBuckets {
@@ -442,36 +419,22 @@ func (d *decoder) stats() Stats {
 			return Stats{}
 		}
 		for range nb[0] {
-			c.Buckets = append(c.Buckets, d.u64())
+			c.Buckets = append(c.Buckets, d.U64())
 		}
-		if d.short {
+		if d.Short() {
 			return Stats{}
 		}
 		s.Commands = append(s.Commands, c)
 	}
-	if n = d.take(2); n == nil {
+	if n = d.Take(2); n == nil {
 		return Stats{}
 	}
 	for range binary.BigEndian.Uint16(n) {
-		s.Guardian = append(s.Guardian, GuardianCalls{Op: d.str(), Result: d.str(), Count: d.u64()})
-		if d.short {
+		s.Guardian = append(s.Guardian, GuardianCalls{Op: d.Str(), Result: d.Str(), Count: d.U64()})
+		if d.Short() {
 			return Stats{}
 		}
 	}
-	s.Direct = d.u64()
+	s.Direct = d.U64()
 	return s
-}
-
-func (d *decoder) u32() uint32 {
-	if v := d.take(4); v != nil {
-		return binary.BigEndian.Uint32(v)
-	}
-	return 0
-}
-
-func (d *decoder) u64() uint64 {
-	if v := d.take(8); v != nil {
-		return binary.BigEndian.Uint64(v)
-	}
-	return 0
 }
