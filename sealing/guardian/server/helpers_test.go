@@ -95,20 +95,30 @@ func (f *fabric) attest(ctx context.Context, name string, p host.Prover) (string
 	if err != nil {
 		return "", nil, err
 	}
-	n, err := f.client.Nonce(ctx, name)
+	req, err := f.evidence(ctx, name, p, transport)
 	if err != nil {
 		return "", nil, err
 	}
-	req, err := p.Evidence(n.Nonce, transport.Public())
-	if err != nil {
-		return "", nil, err
-	}
-	req.Host = name
 	resp, err := f.client.Attest(ctx, req)
 	if err != nil {
 		return "", nil, err
 	}
 	return resp.Certificate, transport, nil
+}
+
+// evidence asks a nonce for the host name and has p answer it, for
+// transport.
+func (f *fabric) evidence(ctx context.Context, name string, p host.Prover, transport *guardian.EncryptionKey) (*guardian.AttestRequest, error) {
+	n, err := f.client.Nonce(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	req, err := p.Evidence(n.Nonce, transport.Public())
+	if err != nil {
+		return nil, err
+	}
+	req.Host = name
+	return req, nil
 }
 
 // audit reads the audit log.

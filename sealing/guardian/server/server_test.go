@@ -120,11 +120,8 @@ func TestTPMHostWithAnotherBootIsRefusedNamingThePCR(t *testing.T) {
 
 	// Evidence whose event log does not explain the quoted PCRs.
 	transport, _ := guardian.NewEncryptionKey()
-	n, err := f.client.Nonce(ctx, "host-1")
+	req, err := f.evidence(ctx, "host-1", tpm, transport)
 	require.NoError(t, err)
-	req, err := tpm.Evidence(n.Nonce, transport.Public())
-	require.NoError(t, err)
-	req.Host = "host-1"
 	req.TPM.EventLog = good
 	_, err = f.client.Attest(ctx, req)
 	assert.Equal(t, guardian.CodeNotAttested, guardian.CodeOf(err), "%v", err)
@@ -145,11 +142,8 @@ func TestUnquotedPCRValuesAreRefused(t *testing.T) {
 
 	tpm.PCRs = []int{8}
 	transport, _ := guardian.NewEncryptionKey()
-	n, err := f.client.Nonce(ctx, "host-1")
+	req, err := f.evidence(ctx, "host-1", tpm, transport)
 	require.NoError(t, err)
-	req, err := tpm.Evidence(n.Nonce, transport.Public())
-	require.NoError(t, err)
-	req.Host = "host-1"
 	maps.Copy(req.TPM.PCRs, measuredboot.PCRs(good, host.DefaultPCRs))
 	req.TPM.EventLog = goodLog
 	_, err = f.client.Attest(ctx, req)
@@ -173,11 +167,8 @@ func TestHostKeyHostAndEveryRefusal(t *testing.T) {
 	assert.Equal(t, guardian.CodeUnknownHost, guardian.CodeOf(err), "%v", err)
 
 	// Another key than the registered one.
-	n, err := f.client.Nonce(ctx, "host-1")
+	req, err := f.evidence(ctx, "host-1", hostKeyHost(t), transport)
 	require.NoError(t, err)
-	req, err := hostKeyHost(t).Evidence(n.Nonce, transport.Public())
-	require.NoError(t, err)
-	req.Host = "host-1"
 	_, err = f.client.Attest(ctx, req)
 	assert.Equal(t, guardian.CodeNotAttested, guardian.CodeOf(err), "%v", err)
 
@@ -187,9 +178,7 @@ func TestHostKeyHostAndEveryRefusal(t *testing.T) {
 
 	// A nonce issued to another host, an unknown one, and an expired one.
 	f.register(t, "host-3", "keyed", hostKeyHost(t))
-	n3, err := f.client.Nonce(ctx, "host-3")
-	require.NoError(t, err)
-	req, err = hk.Evidence(n3.Nonce, transport.Public())
+	req, err = f.evidence(ctx, "host-3", hk, transport)
 	require.NoError(t, err)
 	req.Host = "host-1"
 	_, err = f.client.Attest(ctx, req)
@@ -197,12 +186,9 @@ func TestHostKeyHostAndEveryRefusal(t *testing.T) {
 	req.Nonce = make([]byte, guardian.NonceSize)
 	_, err = f.client.Attest(ctx, req)
 	assert.Equal(t, guardian.CodeBadNonce, guardian.CodeOf(err), "%v", err)
-	n, err = f.client.Nonce(ctx, "host-1")
+	req, err = f.evidence(ctx, "host-1", hk, transport)
 	require.NoError(t, err)
 	f.clock.Advance(DefaultNonceTTL + time.Second)
-	req, err = hk.Evidence(n.Nonce, transport.Public())
-	require.NoError(t, err)
-	req.Host = "host-1"
 	_, err = f.client.Attest(ctx, req)
 	assert.Equal(t, guardian.CodeBadNonce, guardian.CodeOf(err), "%v", err)
 	assert.ErrorContains(t, err, "expired")
@@ -268,11 +254,8 @@ func TestANonceIsUsedOnceUnderConcurrency(t *testing.T) {
 	f.register(t, "host-1", "keyed", hk)
 	transport, err := guardian.NewEncryptionKey()
 	require.NoError(t, err)
-	n, err := f.client.Nonce(ctx, "host-1")
+	req, err := f.evidence(ctx, "host-1", hk, transport)
 	require.NoError(t, err)
-	req, err := hk.Evidence(n.Nonce, transport.Public())
-	require.NoError(t, err)
-	req.Host = "host-1"
 
 	var wg sync.WaitGroup
 	codes := make([]guardian.Code, 8)
