@@ -13,10 +13,10 @@ import (
 	"io"
 	"io/fs"
 	"os"
-	"path/filepath"
 	"strings"
 
 	"github.com/vtpmd/vtpmd/internal/options"
+	"github.com/vtpmd/vtpmd/internal/safefile"
 )
 
 // KeySource gives each VM its state key.
@@ -65,21 +65,9 @@ func (h *HostKey) StateKey(_ context.Context, vmID string) (*Key, error) {
 func (h *HostKey) Protection() string { return "local protection only (host key " + h.Path + ")" }
 
 func (h *HostKey) read() ([]byte, error) {
-	f, err := os.Open(h.Path)
+	secret, err := safefile.Load(h.Path, hostKeySize, true)
 	if err != nil {
 		return nil, fmt.Errorf("read host key: %w", err)
-	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return nil, fmt.Errorf("read host key: %w", err)
-	}
-	if fi.Mode().Perm()&0o077 != 0 {
-		return nil, fmt.Errorf("host key %s has mode %04o: it must be readable by its owner only (0600)", h.Path, fi.Mode().Perm())
-	}
-	secret, err := io.ReadAll(io.LimitReader(f, hostKeySize+1))
-	if err != nil {
-		return nil, fmt.Errorf("read host key %s: %w", h.Path, err)
 	}
 	if len(secret) != hostKeySize {
 		return nil, fmt.Errorf("host key %s has %d bytes, want %d", h.Path, len(secret), hostKeySize)
@@ -88,45 +76,20 @@ func (h *HostKey) read() ([]byte, error) {
 }
 
 func (h *HostKey) create() ([]byte, error) {
-	dir := filepath.Dir(h.Path)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("create host key: %w", err)
-	}
 	secret := make([]byte, hostKeySize)
 	if _, err := rand.Read(secret); err != nil {
 		return nil, fmt.Errorf("create host key: %w", err)
 	}
-	// Written whole to a temporary file, then linked into place, which
-	// fails if the key exists: a concurrent reader never sees a partial key,
-	// and a concurrent creator's key wins.
-	tmp, err := os.CreateTemp(dir, ".host.key-")
+	// Created whole, never over an existing key: a concurrent reader never
+	// sees a partial key, and a concurrent creator's key wins.
+	err := safefile.Create(h.Path, secret, 0o600)
+	if errors.Is(err, fs.ErrExist) {
+		return h.read()
+	}
 	if err != nil {
 		return nil, fmt.Errorf("create host key: %w", err)
 	}
-	defer os.Remove(tmp.Name())
-	_, err = tmp.Write(secret)
-	err = errors.Join(err, tmp.Chmod(0o600), tmp.Sync(), tmp.Close())
-	if err == nil {
-		err = os.Link(tmp.Name(), h.Path)
-		if errors.Is(err, fs.ErrExist) {
-			return h.read()
-		}
-	}
-	if err == nil {
-		err = syncDir(dir)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("create host key %s: %w", h.Path, err)
-	}
 	return secret, nil
-}
-
-func syncDir(path string) error {
-	d, err := os.Open(path)
-	if err != nil {
-		return err
-	}
-	return errors.Join(d.Sync(), d.Close())
 }
 
 // SwtpmKey is a key given the way swtpm takes --key and --migration-key: a

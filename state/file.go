@@ -14,6 +14,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/vtpmd/vtpmd/internal/safefile"
 )
 
 // The layout of a state file (swtpm's --tpmstate backend-uri=file://): two
@@ -127,20 +129,12 @@ func (s *FileStore) init(readOnly, created bool) error {
 	}
 	if created {
 		// The new file's name must outlive a crash, like its contents.
-		if err := syncDir(filepath.Dir(s.path)); err != nil {
+		if err := safefile.SyncDir(filepath.Dir(s.path)); err != nil {
 			return err
 		}
 	}
 	s.layout, s.corrupt = readLayout(s.f, size)
 	return nil
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	return errors.Join(d.Sync(), d.Close())
 }
 
 // Path is the file's path.

@@ -20,6 +20,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vtpmd/vtpmd/internal/safefile"
 	"github.com/vtpmd/vtpmd/vtpm"
 )
 
@@ -316,7 +317,7 @@ func createCAKey(keyPath, certPath, cn string, parent *x509.Certificate, parentK
 		{keyPath, &pem.Block{Type: "PRIVATE KEY", Bytes: pkcs8}, 0o600},
 		{certPath, &pem.Block{Type: "CERTIFICATE", Bytes: der}, 0o644},
 	} {
-		if err := writeFileAtomic(f.path, pem.EncodeToMemory(f.pem), f.mode); err != nil {
+		if err := safefile.Create(f.path, pem.EncodeToMemory(f.pem), f.mode); err != nil {
 			return nil, nil, fmt.Errorf("local CA: %w", err)
 		}
 	}
@@ -326,37 +327,6 @@ func createCAKey(keyPath, certPath, cn string, parent *x509.Certificate, parentK
 // notAfter is the "no well-defined expiration" date of RFC 5280, which
 // swtpm_localca gives its certificates too.
 var notAfter = time.Date(9999, 12, 31, 23, 59, 59, 0, time.UTC)
-
-// writeFileAtomic writes a new file (which must not exist) durably: a
-// temporary file of the given mode, fsynced, linked into place.
-func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return err
-	}
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	_, err = tmp.Write(data)
-	err = errors.Join(err, tmp.Chmod(mode), tmp.Sync(), tmp.Close())
-	if err != nil {
-		return err
-	}
-	// Link, not rename: never replace a file another process made.
-	if err := os.Link(tmp.Name(), path); err != nil {
-		return err
-	}
-	return syncDir(filepath.Dir(path))
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	return errors.Join(d.Sync(), d.Close())
-}
 
 // withLock runs f holding the CA directory's lock (flock).
 func withLock(dir string, f func() error) error {

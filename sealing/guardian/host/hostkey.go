@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io/fs"
 
+	"github.com/vtpmd/vtpmd/internal/safefile"
 	"github.com/vtpmd/vtpmd/sealing/guardian"
 )
 
@@ -65,7 +66,7 @@ func (h *HostKey) key() (*ecdsa.PrivateKey, error) {
 	if err != nil {
 		return nil, fmt.Errorf("create host key %s: %w", h.Path, err)
 	}
-	err = createFile(h.Path, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}))
+	err = safefile.Create(h.Path, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600)
 	if errors.Is(err, fs.ErrExist) {
 		return h.read() // a concurrent start created it first
 	}
@@ -76,7 +77,7 @@ func (h *HostKey) key() (*ecdsa.PrivateKey, error) {
 }
 
 func (h *HostKey) read() (*ecdsa.PrivateKey, error) {
-	b, err := readFile(h.Path, maxHostKeyFile, true)
+	b, err := safefile.Load(h.Path, maxHostKeyFile, true)
 	if err != nil {
 		return nil, fmt.Errorf("read host key: %w", err)
 	}

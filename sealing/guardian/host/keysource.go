@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vtpmd/vtpmd/internal/safefile"
 	"github.com/vtpmd/vtpmd/sealing"
 	"github.com/vtpmd/vtpmd/sealing/guardian"
 )
@@ -61,11 +62,11 @@ type Protectors interface {
 type protectorFiles func(vmID string) string
 
 func (f protectorFiles) ReadProtector(vmID string) ([]byte, error) {
-	return readFile(f(vmID), maxProtectorSize, false)
+	return safefile.Load(f(vmID), maxProtectorSize, false)
 }
 
 func (f protectorFiles) CreateProtector(vmID string, p []byte) error {
-	return createFile(f(vmID), p)
+	return safefile.Create(f(vmID), p, 0o600)
 }
 
 func (f protectorFiles) Where(vmID string) string { return f(vmID) }

@@ -1,4 +1,10 @@
-package host
+// Package safefile creates the small files vtpmd keeps beside its state
+// (keys, key protectors, the local CA) so that neither a crash nor another
+// process ever sees one half-written, and loads those that must be private.
+// A file is written whole to a temporary file, synced, and linked into place
+// (a link never replaces a file another process made), then its directory
+// is synced so that the name outlives a crash too.
+package safefile
 
 import (
 	"errors"
@@ -8,11 +14,10 @@ import (
 	"path/filepath"
 )
 
-// createFile writes data to path durably, mode 0600, and only if path does
-// not exist (fs.ErrExist): written whole to a temporary file, synced, linked
-// into place, and the directory synced, so a reader never sees a partial
-// file and a crash leaves either none or all of it.
-func createFile(path string, data []byte) error {
+// Create writes data to a new file at path with mode, durably, creating the
+// directory (mode 0700) if needed. If path exists it fails with an error
+// wrapping fs.ErrExist and leaves the file as it is.
+func Create(path string, data []byte, mode os.FileMode) error {
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("create %s: %w", path, err)
@@ -23,12 +28,12 @@ func createFile(path string, data []byte) error {
 	}
 	defer os.Remove(tmp.Name())
 	_, err = tmp.Write(data)
-	err = errors.Join(err, tmp.Chmod(0o600), tmp.Sync(), tmp.Close())
+	err = errors.Join(err, tmp.Chmod(mode), tmp.Sync(), tmp.Close())
 	if err == nil {
 		err = os.Link(tmp.Name(), path)
 	}
 	if err == nil {
-		err = syncDir(dir)
+		err = SyncDir(dir)
 	}
 	if err != nil {
 		return fmt.Errorf("create %s: %w", path, err)
@@ -36,17 +41,18 @@ func createFile(path string, data []byte) error {
 	return nil
 }
 
-func syncDir(path string) error {
-	d, err := os.Open(path)
+// SyncDir makes the names in dir durable.
+func SyncDir(dir string) error {
+	d, err := os.Open(dir)
 	if err != nil {
 		return err
 	}
 	return errors.Join(d.Sync(), d.Close())
 }
 
-// readFile reads a file of at most limit bytes; if private, it must be its
+// Load reads a file of at most limit bytes; if private, it must be its
 // owner's only (no group or other permission).
-func readFile(path string, limit int64, private bool) ([]byte, error) {
+func Load(path string, limit int64, private bool) ([]byte, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
