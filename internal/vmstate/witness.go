@@ -78,10 +78,14 @@ func (w *Witness) Sync(vmID string, gen uint64) error {
 }
 
 func (w *Witness) write(vmID string, gen uint64, sync bool) error {
-	if err := os.MkdirAll(w.Dir, 0o700); err != nil {
-		return fmt.Errorf("record generation: %w", err)
-	}
+	// Every durable write records its generation: make the directory only
+	// when it is missing, not on each write.
 	f, err := os.OpenFile(w.Path(vmID), os.O_RDWR|os.O_CREATE, 0o600)
+	if errors.Is(err, fs.ErrNotExist) {
+		if err = os.MkdirAll(w.Dir, 0o700); err == nil {
+			f, err = os.OpenFile(w.Path(vmID), os.O_RDWR|os.O_CREATE, 0o600)
+		}
+	}
 	if err != nil {
 		return fmt.Errorf("record generation: %w", err)
 	}
