@@ -118,8 +118,8 @@ static int tr_write(struct tr_loop *l, const uint8_t *p, uint32_t len) {
 			l->err = errno;
 			return -1;
 		}
-		struct pollfd p = {l->fd, POLLOUT, 0};
-		poll(&p, 1, -1);
+		struct pollfd writable = {l->fd, POLLOUT, 0};
+		poll(&writable, 1, -1);
 	}
 	return 0;
 }
