@@ -41,6 +41,7 @@ func handSeeds() map[string][]seed {
 		"FuzzSealedEnvelope":  sealingEdgeSeeds(),
 		"FuzzParseRecord":     recordEdgeSeeds(),
 		"FuzzReadFileRecord":  stateFileEdgeSeeds(),
+		"FuzzApplyDelta":      deltaEdgeSeeds(),
 	}
 }
 

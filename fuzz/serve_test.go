@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -58,7 +59,9 @@ func FuzzWorkerMessage(f *testing.F) {
 	for _, m := range []workerproto.Message{
 		workerproto.Key{VMID: "0123", KeyID: "host:abcd", Secret: bytes.Repeat([]byte{7}, workerproto.KeySize)},
 		workerproto.Ready{}, workerproto.Get{VMID: "0123"}, workerproto.Record{Record: rec}, workerproto.NotFound{},
-		workerproto.Put{Record: rec}, workerproto.Ack{Generation: 7}, workerproto.Error{Message: "disk full"},
+		workerproto.Put{Record: rec}, workerproto.Ack{Generation: 7},
+		workerproto.Put{Record: &state.Record{VMID: "0123", Generation: 8, Created: rec.Created, Engine: "e", Sealed: []byte("sealed change"), Delta: true}},
+		workerproto.Record{Record: &state.Record{VMID: "0123", Generation: 7, Created: rec.Created, Engine: "e", Sealed: []byte("whole"), Deltas: [][]byte{[]byte("change 8")}}}, workerproto.Error{Message: "disk full"},
 		workerproto.StatsRequest{}, workerproto.Stats{Commands: []workerproto.CommandStats{{Code: 0x17b, Count: 2, Nanos: 7, Buckets: []uint64{1, 1}}, {}},
 			Guardian: []workerproto.GuardianCalls{{Op: "release", Result: "ok", Count: 3}, {Op: "attest", Result: "baseline_mismatch", Count: 1}}, Direct: 2},
 		workerproto.Guardian{VMID: "0123", Config: []byte(`{"urls":["https://g1:8443"],"ca_file":"/etc/vtpmd/guardian-ca.pem","host":"h1"}`)},
@@ -119,6 +122,15 @@ func FuzzWorkerMessage(f *testing.F) {
 				return
 			}
 			t.Fatalf("marshal a decoded %T: %v", m, err)
+		}
+		_, put := m.(workerproto.Put)
+		_, record := m.(workerproto.Record)
+		if (put || record) && recordV1(b[1:]) {
+			again, err := workerproto.DecodeMessage(out[4:])
+			if err != nil || !reflect.DeepEqual(again, m) {
+				t.Fatalf("a version 1 record marshals to %x, which decodes to %+v (%v)", head(out[4:]), again, err)
+			}
+			return
 		}
 		if !bytes.Equal(out, framed) {
 			t.Fatalf("decoded %x, marshal gives %x", head(b), head(out[4:]))

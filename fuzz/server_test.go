@@ -143,7 +143,7 @@ var (
 	theHarness  harness
 )
 
-func openHarness(t *testing.T) *harness {
+func openHarness(t testing.TB) *harness {
 	harnessOnce.Do(func() { theHarness.err = theHarness.setup() })
 	if theHarness.err != nil {
 		t.Fatal(theHarness.err)

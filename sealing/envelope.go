@@ -19,6 +19,9 @@ const (
 	KindTPMState Kind = 1
 	// KindGuardianKeys is a guardian's key bundle, sealed under its KEK.
 	KindGuardianKeys Kind = 2
+	// KindTPMDelta is a change to a TPM's state image: the bytes that
+	// changed since the generation before.
+	KindTPMDelta Kind = 3
 )
 
 // Errors of Open.

@@ -154,13 +154,13 @@ func (s *Store) PutVM(v *VM) error {
 	return nil
 }
 
-// DeleteVM removes the registry entry, the VM's state record and its key
-// protector together, durably.
+// DeleteVM removes the registry entry, the VM's state record with its
+// deltas, and its key protector together, durably.
 func (s *Store) DeleteVM(v *VM) error {
 	b := s.db.NewBatch()
 	defer b.Close()
 	err := errors.Join(b.Delete([]byte(vmPrefix+v.Name), nil), b.Delete([]byte(recordPrefix+v.ID), nil),
-		b.Delete([]byte(protectorPrefix+v.ID), nil))
+		s.deleteDeltas(b, v.ID), b.Delete([]byte(protectorPrefix+v.ID), nil))
 	if err == nil {
 		err = b.Commit(pebble.Sync)
 	}

@@ -1,6 +1,7 @@
 package state
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -10,6 +11,8 @@ import (
 
 	"github.com/cockroachdb/pebble"
 	dto "github.com/prometheus/client_model/go"
+
+	"github.com/vtpmd/vtpmd/internal/wire"
 )
 
 // ErrNotFound means the store has no record for the VM; it wraps
@@ -36,7 +39,32 @@ type Options struct {
 	MemTableSize uint64
 }
 
-const recordPrefix = "vm/"
+const (
+	recordPrefix = "vm/"
+	deltaPrefix  = "vd/"
+)
+
+// deltaKeys is the key prefix of the VM's deltas, each key that prefix and
+// the delta's generation (big-endian, so they sort in order). The VM id's
+// length comes first, so that no VM's prefix is another VM's.
+func deltaKeys(vmID string) []byte {
+	return wire.AppendString([]byte(deltaPrefix), vmID)
+}
+
+func deltaKey(vmID string, generation uint64) []byte {
+	return binary.BigEndian.AppendUint64(deltaKeys(vmID), generation)
+}
+
+// prefixEnd is the first key after every key that starts with prefix.
+func prefixEnd(prefix []byte) []byte {
+	end := append([]byte(nil), prefix...)
+	for i := len(end) - 1; i >= 0; i-- {
+		if end[i]++; end[i] != 0 {
+			return end[:i+1]
+		}
+	}
+	return nil
+}
 
 // Open opens (creating if needed, with mode 0700) the store in dir.
 func Open(dir string, o Options) (*Store, error) {
@@ -87,40 +115,95 @@ func (s *Store) Close() error {
 	return nil
 }
 
-// Get returns the VM's record. A record that does not parse gives an error
-// wrapping ErrCorrupt and is left as it is.
+// Get returns the VM's record with the deltas stored since it. A record or
+// delta that does not parse, or a gap in the deltas' generations, gives an
+// error wrapping ErrCorrupt, and all is left as it is.
 func (s *Store) Get(vmID string) (*Record, error) {
-	v, closer, err := s.db.Get([]byte(recordPrefix + vmID))
+	snap := s.db.NewSnapshot() // the record and its deltas as of one moment
+	defer snap.Close()
+	v, closer, err := snap.Get([]byte(recordPrefix + vmID))
 	if errors.Is(err, pebble.ErrNotFound) {
 		return nil, fmt.Errorf("VM %q: %w", vmID, ErrNotFound)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("read state of VM %q: %w", vmID, err)
 	}
-	defer closer.Close()
 	r, err := ParseRecord(v)
+	closer.Close()
+	if err == nil && (r.Delta || len(r.Deltas) > 0) {
+		err = fmt.Errorf("%w: a delta stored as a whole record", ErrCorrupt)
+	}
+	if err == nil {
+		r.Deltas, err = s.deltas(snap, r)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("state of VM %q: %w", vmID, err)
 	}
 	return r, nil
 }
 
+// deltas reads the sealed deltas stored since base, which must follow it
+// generation by generation.
+func (s *Store) deltas(snap *pebble.Snapshot, base *Record) ([][]byte, error) {
+	prefix := deltaKeys(base.VMID)
+	it, err := snap.NewIter(&pebble.IterOptions{LowerBound: prefix, UpperBound: prefixEnd(prefix)})
+	if err != nil {
+		return nil, fmt.Errorf("read deltas: %w", err)
+	}
+	var out [][]byte
+	for it.First(); it.Valid() && err == nil; it.Next() {
+		var d *Record
+		d, err = ParseRecord(it.Value())
+		switch {
+		case err != nil:
+			err = fmt.Errorf("delta: %w", err)
+		case !d.Delta || d.VMID != base.VMID || len(d.Deltas) > 0:
+			err = fmt.Errorf("%w: a whole record stored as a delta", ErrCorrupt)
+		case d.Generation != base.Generation+uint64(len(out))+1:
+			err = fmt.Errorf("%w: delta of generation %d follows generation %d", ErrCorrupt, d.Generation, base.Generation+uint64(len(out)))
+		case len(out) == MaxDeltas:
+			err = fmt.Errorf("%w: more than %d deltas", ErrCorrupt, MaxDeltas)
+		default:
+			out = append(out, d.Sealed)
+		}
+	}
+	return out, errors.Join(err, it.Error(), it.Close())
+}
+
 // Put stores the record under its VM id, durably: the batch is committed
-// with Sync, sharing its fsync with concurrent Puts.
+// with Sync, sharing its fsync with concurrent Puts. A whole record
+// replaces the VM's record and its deltas; a delta is kept beside them.
 func (s *Store) Put(r *Record) error {
+	if len(r.Deltas) > 0 {
+		return fmt.Errorf("store state of VM %q: a record to store carries no deltas", r.VMID)
+	}
 	v, err := r.MarshalBinary()
 	if err != nil {
 		return err
 	}
 	b := s.db.NewBatch()
 	defer b.Close()
-	if err := b.Set([]byte(recordPrefix+r.VMID), v, nil); err != nil {
-		return fmt.Errorf("store state of VM %q: %w", r.VMID, err)
+	if r.Delta {
+		err = b.Set(deltaKey(r.VMID, r.Generation), v, nil)
+	} else {
+		err = errors.Join(b.Set([]byte(recordPrefix+r.VMID), v, nil), s.deleteDeltas(b, r.VMID))
 	}
-	if err := b.Commit(pebble.Sync); err != nil {
+	if err == nil {
+		err = b.Commit(pebble.Sync)
+	}
+	if err != nil {
 		return fmt.Errorf("store state of VM %q: %w", r.VMID, err)
 	}
 	return nil
+}
+
+// KeepsDeltas says that Put takes deltas.
+func (s *Store) KeepsDeltas() bool { return true }
+
+// deleteDeltas adds the removal of the VM's deltas to the batch.
+func (s *Store) deleteDeltas(b *pebble.Batch, vmID string) error {
+	prefix := deltaKeys(vmID)
+	return b.DeleteRange(prefix, prefixEnd(prefix), nil)
 }
 
 // WALSyncs is how many times the store has synced its write-ahead log

@@ -17,10 +17,71 @@ func TestRecordRoundTrip(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, r, got)
 
-	for _, bad := range [][]byte{nil, b[:3], b[:len(b)-1], append(append([]byte(nil), b...), 0), append([]byte("VTSR\x02"), b[5:]...)} {
+	for _, bad := range [][]byte{nil, b[:3], b[:len(b)-1], append(append([]byte(nil), b...), 0), append([]byte("VTSR\x03"), b[5:]...)} {
 		_, err := ParseRecord(bad)
 		assert.ErrorIs(t, err, ErrCorrupt, "%x", bad)
 	}
+
+	// Version 1, written before deltas, ends after the image.
+	v1 := append([]byte("VTSR\x01"), b[5:len(b)-3]...)
+	got, err = ParseRecord(v1)
+	require.NoError(t, err)
+	assert.Equal(t, r, got)
+
+	withDeltas := &Record{VMID: "vm1", Generation: 7, Created: r.Created, Engine: r.Engine, Sealed: []byte("base"), Deltas: [][]byte{[]byte("d8"), []byte("d9")}}
+	delta := &Record{VMID: "vm1", Generation: 8, Created: r.Created, Engine: r.Engine, Sealed: []byte("d8"), Delta: true}
+	for _, want := range []*Record{withDeltas, delta} {
+		b, err := want.MarshalBinary()
+		require.NoError(t, err)
+		got, err := ParseRecord(b)
+		require.NoError(t, err)
+		assert.Equal(t, want, got)
+	}
+	assert.Equal(t, uint64(9), withDeltas.Newest())
+}
+
+func TestStoreDeltas(t *testing.T) {
+	s, err := Open(t.TempDir(), Options{})
+	require.NoError(t, err)
+	defer s.Close()
+	rec := func(vmID string, gen uint64, sealed string, delta bool) *Record {
+		return &Record{VMID: vmID, Generation: gen, Created: time.Unix(1, 0).UTC(), Engine: "e", Sealed: []byte(sealed), Delta: delta}
+	}
+	require.NoError(t, s.Put(rec("a", 1, "base a", false)))
+	require.NoError(t, s.Put(rec("a/b", 1, "base a/b", false)))
+	require.NoError(t, s.Put(rec("a", 2, "change 2", true)))
+	require.NoError(t, s.Put(rec("a", 3, "change 3", true)))
+	require.NoError(t, s.Put(rec("a/b", 2, "change of a/b", true)))
+
+	got, err := s.Get("a")
+	require.NoError(t, err)
+	assert.Equal(t, "base a", string(got.Sealed))
+	assert.Equal(t, [][]byte{[]byte("change 2"), []byte("change 3")}, got.Deltas, "in order, and only VM a's")
+	assert.Equal(t, uint64(3), got.Newest())
+
+	// A whole record drops the deltas it replaces, in the same commit.
+	require.NoError(t, s.Put(rec("a", 4, "whole 4", false)))
+	got, err = s.Get("a")
+	require.NoError(t, err)
+	assert.Empty(t, got.Deltas)
+	assert.Equal(t, uint64(4), got.Newest())
+	got, err = s.Get("a/b")
+	require.NoError(t, err)
+	assert.Len(t, got.Deltas, 1, "another VM's deltas stay")
+
+	// A gap in the generations is a corrupt state, never a silently older one.
+	require.NoError(t, s.Put(rec("a", 6, "change 6", true)))
+	_, err = s.Get("a")
+	assert.ErrorIs(t, err, ErrCorrupt)
+	assert.ErrorContains(t, err, "delta of generation 6 follows generation 4")
+
+	assert.ErrorContains(t, s.Put(&Record{VMID: "a", Generation: 7, Sealed: []byte("x"), Deltas: [][]byte{{1}}}), "carries no deltas")
+
+	require.NoError(t, s.DeleteVM(&VM{Name: "a/b", ID: "a/b"}))
+	require.NoError(t, s.Put(rec("a/b", 1, "new a/b", false)))
+	got, err = s.Get("a/b")
+	require.NoError(t, err)
+	assert.Empty(t, got.Deltas, "deleting the VM deleted its deltas")
 }
 
 func TestStorePutGetList(t *testing.T) {

@@ -568,7 +568,7 @@ func (s *Supervisor) startRun(vm *state.VM) error {
 	var lastGen uint64
 	switch rec, err := s.store.Get(vm.ID); {
 	case err == nil:
-		lastGen = rec.Generation
+		lastGen = rec.Newest()
 	case !errors.Is(err, state.ErrNotFound):
 		return err
 	}

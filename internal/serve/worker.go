@@ -368,7 +368,7 @@ func (r *vmRun) get(m workerproto.Get) workerproto.Message {
 		r.log.Error("state not loaded", "err", err)
 		return workerproto.Error{Message: err.Error()}
 	}
-	r.lastGen = max(r.lastGen, rec.Generation)
+	r.lastGen = max(r.lastGen, rec.Newest())
 	return workerproto.Record{Record: rec}
 }
 
@@ -384,6 +384,9 @@ func (r *vmRun) put(m workerproto.Put) workerproto.Message {
 	case rec.Generation <= r.lastGen:
 		r.log.Error("worker tried to store an old generation; refused", "generation", rec.Generation, "stored", r.lastGen)
 		return workerproto.Error{Message: fmt.Sprintf("generation %d is not newer than the stored %d", rec.Generation, r.lastGen)}
+	case rec.Delta && (r.lastGen == 0 || rec.Generation != r.lastGen+1):
+		r.log.Error("worker tried to store a change that does not follow the stored generation; refused", "generation", rec.Generation, "stored", r.lastGen)
+		return workerproto.Error{Message: fmt.Sprintf("a change of generation %d does not follow the stored %d", rec.Generation, r.lastGen)}
 	}
 	start := time.Now()
 	if err := r.s.store.Put(rec); err != nil {

@@ -4,6 +4,7 @@
 package vmstate
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -26,6 +27,11 @@ type Records interface {
 }
 
 // Sealed is one VM's sealed, stored TPM state. It implements vtpm.Store.
+//
+// Where the store keeps deltas, a write stores only the bytes that changed
+// since the write before, sealed as a delta of the next generation; every
+// maxDeltas writes, or once the deltas add up to a quarter of the image,
+// the whole image is stored again and the deltas are dropped with it.
 type Sealed struct {
 	// Store holds the records.
 	Store Records
@@ -43,12 +49,28 @@ type Sealed struct {
 	// Witness, if set, refuses records older than the newest stored.
 	Witness *Witness
 
-	// last is the record last loaded or stored.
-	last *state.Record
+	// known says the fields below hold the state last loaded or stored.
+	known      bool
+	generation uint64    // its generation
+	created    time.Time // when the VM's TPM was first stored
+	image      []byte    // its image, the base of the next delta
+	deltas     int       // deltas stored since the last whole image
+	deltaBytes int       // and their sealed size
 }
 
-// Load opens the VM's record. Every failure names the VM and the reason,
-// and leaves the record as it is.
+// DeltaRecords is a Records whose Put takes deltas (records with Delta set)
+// and whose Get returns them with the record they follow.
+type DeltaRecords interface {
+	Records
+	KeepsDeltas() bool
+}
+
+// maxDeltas bounds the deltas between two whole images, and so the work of
+// a Load.
+const maxDeltas = 64
+
+// Load opens the VM's record and applies its deltas. Every failure names
+// the VM and the reason, and leaves the record as it is.
 func (s *Sealed) Load() ([]byte, error) {
 	if err := s.startKey(); err != nil {
 		return nil, err
@@ -60,8 +82,8 @@ func (s *Sealed) Load() ([]byte, error) {
 	switch {
 	case rec.VMID != s.VMID:
 		return nil, fmt.Errorf("the state stored for VM %q belongs to VM %q", s.VMID, rec.VMID)
-	case s.last != nil && rec.Generation < s.last.Generation:
-		return nil, fmt.Errorf("state of VM %q: generation %d is older than %d, already seen", s.VMID, rec.Generation, s.last.Generation)
+	case s.known && rec.Newest() < s.generation:
+		return nil, fmt.Errorf("state of VM %q: generation %d is older than %d, already seen", s.VMID, rec.Newest(), s.generation)
 	}
 	if s.Witness != nil {
 		if err := s.Witness.Check(rec); err != nil {
@@ -72,8 +94,26 @@ func (s *Sealed) Load() ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("state of VM %q (generation %d) does not open: %w", s.VMID, rec.Generation, err)
 	}
-	s.last = rec
+	deltaBytes := 0
+	for i, sealed := range rec.Deltas {
+		gen := rec.Generation + uint64(i) + 1
+		delta, err := sealing.Open(s.Key, s.VMID, sealing.KindTPMDelta, gen, sealed)
+		if err == nil {
+			image, err = ApplyDelta(image, delta)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("state of VM %q: the change of generation %d does not apply: %w", s.VMID, gen, err)
+		}
+		deltaBytes += len(sealed)
+	}
+	s.remember(rec.Newest(), rec.Created, image, len(rec.Deltas), deltaBytes)
 	return image, nil
+}
+
+// remember notes the state just loaded or stored.
+func (s *Sealed) remember(generation uint64, created time.Time, image []byte, deltas, deltaBytes int) {
+	s.known, s.generation, s.created = true, generation, created
+	s.image, s.deltas, s.deltaBytes = bytes.Clone(image), deltas, deltaBytes
 }
 
 // get reads the VM's record. In a store of its own, another VM's record and
@@ -109,37 +149,67 @@ func (s *Sealed) startKey() error {
 	return nil
 }
 
-// Save seals the image as the next generation and stores it durably.
+// Save seals the image as the next generation and stores it durably: as a
+// delta where the store keeps deltas and the chain is short, else whole.
 func (s *Sealed) Save(image []byte) error {
 	if err := s.startKey(); err != nil {
 		return err
 	}
-	if s.last == nil {
+	if !s.known {
 		// Nothing loaded yet (a new TPM, or one set by SET_STATEBLOB): go
 		// on from the stored generation, but never over a corrupt record.
 		rec, err := s.get()
 		switch {
 		case errors.Is(err, state.ErrNotFound):
-			rec = &state.Record{VMID: s.VMID, Created: time.Now().UTC()}
+			s.generation, s.created = 0, time.Now().UTC()
 		case err != nil:
 			return fmt.Errorf("not overwriting the stored state: %w", err)
+		default:
+			s.generation, s.created = rec.Newest(), rec.Created
 		}
-		s.last = rec
+		s.known = true
 	}
-	next := &state.Record{VMID: s.VMID, Generation: s.last.Generation + 1, Created: s.last.Created, Engine: vtpm.EngineVersion}
-	sealed, err := sealing.Seal(s.Key, s.VMID, sealing.KindTPMState, next.Generation, image)
+	next := &state.Record{VMID: s.VMID, Generation: s.generation + 1, Created: s.created, Engine: vtpm.EngineVersion}
+	sealed, err := s.sealDelta(next.Generation, image)
 	if err != nil {
-		return fmt.Errorf("seal state of VM %q: %w", s.VMID, err)
+		return err
+	}
+	next.Delta = sealed != nil
+	if !next.Delta {
+		if sealed, err = sealing.Seal(s.Key, s.VMID, sealing.KindTPMState, next.Generation, image); err != nil {
+			return fmt.Errorf("seal state of VM %q: %w", s.VMID, err)
+		}
 	}
 	next.Sealed = sealed
 	if err := s.Store.Put(next); err != nil {
 		return err
 	}
-	s.last = next
+	if next.Delta {
+		s.remember(next.Generation, s.created, image, s.deltas+1, s.deltaBytes+len(sealed))
+	} else {
+		s.remember(next.Generation, s.created, image, 0, 0)
+	}
 	if s.Witness != nil {
 		return s.Witness.Record(s.VMID, next.Generation)
 	}
 	return nil
+}
+
+// sealDelta seals the change from the last image to image as generation
+// gen, or returns nil where a whole image is due.
+func (s *Sealed) sealDelta(gen uint64, image []byte) ([]byte, error) {
+	store, ok := s.Store.(DeltaRecords)
+	if !ok || !store.KeepsDeltas() || s.image == nil || len(s.image) != len(image) || s.deltas >= maxDeltas {
+		return nil, nil
+	}
+	sealed, err := sealing.Seal(s.Key, s.VMID, sealing.KindTPMDelta, gen, EncodeDelta(s.image, image))
+	if err != nil {
+		return nil, fmt.Errorf("seal state change of VM %q: %w", s.VMID, err)
+	}
+	if s.deltaBytes+len(sealed) > len(image)/4 {
+		return nil, nil
+	}
+	return sealed, nil
 }
 
 // Open opens the store in dir for the sole VM vmID, whose key comes from
@@ -259,8 +329,8 @@ func (l *Lockable) Unlock() error {
 		return nil
 	}
 	var err error
-	if w, last := l.sealed.Witness, l.sealed.last; w != nil && last != nil {
-		err = w.Sync(l.sealed.VMID, last.Generation)
+	if w := l.sealed.Witness; w != nil && l.sealed.known {
+		err = w.Sync(l.sealed.VMID, l.sealed.generation)
 	}
 	err = errors.Join(err, l.store.Close())
 	l.sealed.Store, l.store = nil, nil

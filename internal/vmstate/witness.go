@@ -51,9 +51,9 @@ func (w *Witness) Check(rec *state.Record) error {
 	if err != nil {
 		return err
 	}
-	if rec.Generation < newest {
+	if rec.Newest() < newest {
 		return fmt.Errorf("state of VM %q: generation %d is older than %d, the newest stored: an old state was put back (if on purpose, remove %s)",
-			rec.VMID, rec.Generation, newest, w.Path(rec.VMID))
+			rec.VMID, rec.Newest(), newest, w.Path(rec.VMID))
 	}
 	return nil
 }

@@ -353,6 +353,9 @@ func (r *remote) Put(rec *state.Record) error {
 	return nil
 }
 
+// KeepsDeltas says that Put takes deltas: the supervisor's store keeps them.
+func (r *remote) KeepsDeltas() bool { return true }
+
 // ReadProtector asks the supervisor for the VM's key protector.
 func (r *remote) ReadProtector(vmID string) ([]byte, error) {
 	m, err := r.call(workerproto.GetProtector{VMID: vmID})
