@@ -153,7 +153,7 @@ func Run(ctx context.Context, cfg Config) (*report.Report, error) {
 
 func (r *run) all(ctx context.Context) error {
 	if r.cfg.Engine {
-		for _, store := range []string{storeMemory, storeFile, storeVtpmd} {
+		for _, store := range []string{storeMemory, storeSync, storeFile, storeVtpmd} {
 			cells, err := engineFloor(ctx, r.cfg.Ops, store, filepath.Join(r.base, "engine-"+store), r.cfg.EngineDuration, r.cfg.Progress)
 			r.rep.Engine = append(r.rep.Engine, cells...)
 			if ctx.Err() != nil {

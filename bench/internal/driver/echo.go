@@ -1,5 +1,36 @@
 package driver
 
+/*
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+// echo_serve writes back every read on fd until the peer closes it: poll,
+// read, write, the loop of swtpm's and vtpmd's own data channels with no
+// command run in between. (Blocking reads without the poll measured slower
+// here: a waiter in poll is woken sooner.)
+static void echo_serve(int fd, char *buf, int size) {
+	int flags = fcntl(fd, F_GETFL);
+	if (flags >= 0) fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+	for (;;) {
+		struct pollfd p = {.fd = fd, .events = POLLIN};
+		if (poll(&p, 1, -1) < 0 && errno != EINTR) break;
+		ssize_t n = read(fd, buf, size);
+		if (n < 0 && errno == EINTR) continue;
+		if (n <= 0) break;
+		for (ssize_t off = 0; off < n;) {
+			ssize_t w = write(fd, buf + off, n - off);
+			if (w < 0 && errno == EINTR) continue;
+			if (w <= 0) return;
+			off += w;
+		}
+	}
+}
+*/
+import "C"
+
 import (
 	"errors"
 	"net"
@@ -12,7 +43,8 @@ import (
 )
 
 // ServeEcho serves the echo floor on a unix socket at path: every read is
-// written back as it came. It is the least a daemon can do per command, over
+// written back as it came, by a loop in C of poll, read and write on the
+// connection (no Go scheduler), the least a daemon can do per command over
 // the same socket type, so its round trip is the transport's floor.
 func ServeEcho(path string) error {
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -28,18 +60,16 @@ func ServeEcho(path string) error {
 		if err != nil {
 			return err
 		}
+		f, err := c.(*net.UnixConn).File() // a descriptor of its own for C
+		c.Close()
+		if err != nil {
+			return err
+		}
 		go func() {
-			defer c.Close()
-			buf := make([]byte, client.MaxResponse)
-			for {
-				n, err := c.Read(buf)
-				if err != nil {
-					return
-				}
-				if _, err := c.Write(buf[:n]); err != nil {
-					return
-				}
-			}
+			defer f.Close()
+			buf := C.malloc(C.size_t(client.MaxResponse))
+			defer C.free(buf)
+			C.echo_serve(C.int(f.Fd()), (*C.char)(buf), C.int(client.MaxResponse))
 		}()
 	}
 }

@@ -100,8 +100,9 @@ type Cell struct {
 // EngineCell is the engine's in-process time for one operation.
 type EngineCell struct {
 	Op string
-	// Store is "memory" (no persistence), "file" (an atomic, fsynced file
-	// per change) or "vtpmd" (vtpmd's own store).
+	// Store is "memory" (no persistence), "sync" (the image written in
+	// place and fdatasynced: the disk's floor), "file" (an atomic, fsynced
+	// file per change) or "vtpmd" (vtpmd's own store).
 	Store string
 	Ops   int64
 	Mean  time.Duration

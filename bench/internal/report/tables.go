@@ -210,7 +210,7 @@ func (r *Report) floorTable() table {
 	n := r.Settings.VMs[0]
 	t := table{
 		title: fmt.Sprintf("Floors: the engine in process and the daemons' median latency at %d VM(s)", n),
-		header: []string{"op", "engine, memory store", "engine, fsynced file", "engine, vtpmd's store",
+		header: []string{"op", "engine, memory store", "engine, in-place fdatasync", "engine, fsynced file", "engine, vtpmd's store",
 			fmt.Sprintf("%s p50 @%d", sub, n)},
 	}
 	if r.HasBaseline() {
@@ -218,15 +218,16 @@ func (r *Report) floorTable() table {
 	}
 	t.header = append(t.header, fmt.Sprintf("echo p50 @%d", n))
 	t.notes = append(t.notes,
-		"engine: mean time of vtpm.Device.Execute of the same command bytes in this process (one engine per process); the memory store keeps nothing; the fsynced file is replaced atomically and fsynced with its directory on every change, the least a durable store does; vtpmd's store is the one `vtpmd socket` uses (internal/vmstate: sealed records in the state store).",
-		"echo: the round trip of a trivial echo server (Go, like vtpmd) over the same unix stream socket type, one process per VM; the daemon's latency minus echo and engine is its own overhead.")
+		"engine: mean time of vtpm.Device.Execute of the same command bytes in this process (one engine per process); the memory store keeps nothing; in-place fdatasync writes the image over itself in one file and fdatasyncs it, which a torn write could lose, so it is below what any crash-safe store must do: the disk's floor for a durable write; the fsynced file is replaced atomically and fsynced with its directory on every change; vtpmd's store is the one `vtpmd socket` uses (internal/vmstate: sealed records and deltas in the state store).",
+		"echo: the round trip of a trivial echo server (a C loop of poll, read and write, with no command run between) over the same unix stream socket type, one process per VM: the transport's floor; the daemon's latency minus echo and engine is its own overhead.")
 	echo, _ := r.Cell(Echo, "echo", n)
 	for _, op := range r.Ops {
 		mem, _ := r.EngineCell(op.Name, "memory")
+		sync, _ := r.EngineCell(op.Name, "sync")
 		file, _ := r.EngineCell(op.Name, "file")
 		own, _ := r.EngineCell(op.Name, "vtpmd")
 		s, _ := r.Cell(sub, op.Name, n)
-		row := []string{op.Name, engineText(mem), engineText(file), engineText(own), fmtDur(s.P50)}
+		row := []string{op.Name, engineText(mem), engineText(sync), engineText(file), engineText(own), fmtDur(s.P50)}
 		if r.HasBaseline() {
 			b, _ := r.Cell(Baseline, op.Name, n)
 			row = append(row, fmtDur(b.P50))
@@ -245,7 +246,7 @@ func engineText(c EngineCell) string {
 }
 
 func (r *Report) echoTable() table {
-	t := table{title: "Echo floor: unix stream socket round trip to a trivial Go echo server, one process and connection per VM",
+	t := table{title: "Echo floor: unix stream socket round trip to a trivial C echo server, one process and connection per VM",
 		header: []string{"VMs", "ops/s", "p50", "p99", "max", "echo CPU s/1k ops"}}
 	for _, n := range r.Settings.VMs {
 		if c, ok := r.Cell(Echo, "echo", n); ok {
