@@ -3,16 +3,20 @@ package fuzz
 import (
 	"bytes"
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
+	"hash/crc32"
+	"reflect"
 	"testing"
 
 	"github.com/vtpmd/vtpmd/vtpm"
 )
 
 // FuzzParseImage: ParseImage never panics, fails only with ErrBadImage, and
-// what it parses marshals back to the same bytes without aliasing them.
-// Each input is also tried with its trailing digest recomputed, so that the
-// fuzzer gets past the digest to the fields before it.
+// what it parses marshals back to the same bytes without aliasing them (a
+// version 1 image, to a version 2 one that parses the same). Each input is
+// also tried with its trailing check value recomputed (a CRC-32C, or
+// version 1's SHA-256), so that the fuzzer gets past it to the fields.
 func FuzzParseImage(f *testing.F) {
 	nv := make([]byte, vtpm.NVSize)
 	for i := range nv {
@@ -29,17 +33,38 @@ func FuzzParseImage(f *testing.F) {
 			f.Fatal(err)
 		}
 		f.Add(b)
+		// The same as version 1 wrote it, with a SHA-256 at the end.
+		v1 := append(append([]byte(nil), b[:len(b)-4]...), make([]byte, sha256.Size)...)
+		v1[5] = 1
+		f.Add(withCheck(v1))
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
 		checkImage(t, b)
-		if len(b) >= sha256.Size {
-			resealed := append([]byte(nil), b...)
-			body := resealed[:len(b)-sha256.Size]
-			digest := sha256.Sum256(body)
-			copy(resealed[len(body):], digest[:])
+		if resealed := withCheck(b); resealed != nil {
 			checkImage(t, resealed)
 		}
 	})
+}
+
+// withCheck returns b with its last bytes replaced by the check value of
+// the rest, as its version byte asks, or nil if b is too short.
+func withCheck(b []byte) []byte {
+	size, v1 := 4, len(b) > 5 && b[4] == 0 && b[5] == 1
+	if v1 {
+		size = sha256.Size
+	}
+	if len(b) < size {
+		return nil
+	}
+	out := append([]byte(nil), b...)
+	body := out[:len(b)-size]
+	if v1 {
+		sum := sha256.Sum256(body)
+		copy(out[len(body):], sum[:])
+	} else {
+		binary.BigEndian.PutUint32(out[len(body):], crc32.Checksum(body, crc32.MakeTable(crc32.Castagnoli)))
+	}
+	return out
 }
 
 func checkImage(t *testing.T, b []byte) {
@@ -57,6 +82,13 @@ func checkImage(t *testing.T, b []byte) {
 	if err != nil {
 		t.Fatalf("marshal a parsed image: %v", err)
 	}
+	if len(b) > 5 && b[5] == 1 { // version 1 marshals as version 2
+		again, err := vtpm.ParseImage(out)
+		if err != nil || !reflect.DeepEqual(again, img) {
+			t.Fatalf("a version 1 image marshals to one that parses to %v (%v)", again != nil, err)
+		}
+		return
+	}
 	if !bytes.Equal(out, b) {
 		t.Fatalf("parsed %d bytes, marshal gives %d different ones", len(b), len(out))
 	}
@@ -65,11 +97,12 @@ func checkImage(t *testing.T, b []byte) {
 func imageEdgeSeeds() []seed {
 	return []seed{
 		{"empty", []any{[]byte{}}},
-		{"header-only", []any{hexBytes("5654504d 0001 0000 00004000 0000")}},
+		{"header-only", []any{hexBytes("5654504d 0002 0000 00004000 0000")}},
 		{"magic-only", []any{[]byte("VTPM")}},
-		{"unknown-flags", []any{hexBytes("5654504d 0001 fffc 00004000 0000")}},
+		{"unknown-flags", []any{hexBytes("5654504d 0002 fffc 00004000 0000")}},
 		{"nv-size-ffffffff", []any{hexBytes("5654504d 0001 0000 ffffffff 0000")}},
-		{"engine-length-ffff", []any{hexBytes("5654504d 0001 0003 00004000 ffff")}},
-		{"version-2", []any{hexBytes("5654504d 0002 0000 00004000 0000")}},
+		{"engine-length-ffff", []any{hexBytes("5654504d 0002 0003 00004000 ffff")}},
+		{"version-3", []any{hexBytes("5654504d 0003 0000 00004000 0000")}},
+		{"version-1-header", []any{hexBytes("5654504d 0001 0000 00004000 0000")}},
 	}
 }

@@ -30,7 +30,8 @@ type Store interface {
 	// Load returns the stored image, or an error wrapping fs.ErrNotExist
 	// when the TPM has no state yet.
 	Load() ([]byte, error)
-	// Save stores the image; it is durable when Save returns nil.
+	// Save stores the image; it is durable when Save returns nil. The
+	// image is the caller's again once Save returns.
 	Save(image []byte) error
 }
 
@@ -104,6 +105,10 @@ type Device struct {
 	saved            []byte
 	savedEstablished bool
 	savedResume      bool
+	// Buffers persist reuses: the NV export that is not saved, and the
+	// encoded image.
+	spareNV []byte
+	encoded []byte
 
 	// A direct loop's wake-up while RunDirect holds the device, the callers
 	// waiting for it, and the NV image last given to the loop.
@@ -360,14 +365,18 @@ func (d *Device) persist() error {
 	if d.saved != nil && !nvDiffers(d.saved) && d.established == d.savedEstablished && d.resume == d.savedResume {
 		return nil
 	}
-	img := &Image{Engine: EngineVersion, Established: d.established, Resume: d.resume, NV: nvExport()}
-	b, err := img.MarshalBinary()
+	// Two NV buffers and one encoding buffer, reused: a durable write
+	// allocates nothing here.
+	img := &Image{Engine: EngineVersion, Established: d.established, Resume: d.resume, NV: nvExportInto(d.spareNV)}
+	b, err := img.AppendBinary(d.encoded[:0])
 	if err != nil {
 		return err
 	}
+	d.encoded = b
 	if err := d.cfg.Store.Save(b); err != nil {
 		return fmt.Errorf("store TPM state: %w", err)
 	}
+	d.spareNV = d.saved
 	d.saved, d.savedEstablished, d.savedResume = img.NV, img.Established, img.Resume
 	return nil
 }

@@ -36,8 +36,14 @@ import (
 // checked by a golden test.
 const NVSize = 16384
 
-func nvExport() []byte {
-	out := make([]byte, NVSize)
+func nvExport() []byte { return nvExportInto(nil) }
+
+// nvExportInto exports NV into buf if it has room, else into a new slice.
+func nvExportInto(buf []byte) []byte {
+	if cap(buf) < NVSize {
+		buf = make([]byte, NVSize)
+	}
+	out := buf[:NVSize]
 	C.vtpm_nv_export((*C.uchar)(unsafe.Pointer(&out[0])), NVSize)
 	return out
 }

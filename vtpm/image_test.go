@@ -2,6 +2,7 @@ package vtpm
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -18,6 +19,25 @@ func TestImageRoundTrip(t *testing.T) {
 
 	_, err = (&Image{Engine: EngineVersion, NV: make([]byte, 10)}).MarshalBinary()
 	assert.Error(t, err)
+}
+
+// Version 1 images, which ended with a SHA-256 in place of the CRC-32C,
+// are still read.
+func TestParseImageVersion1(t *testing.T) {
+	img := &Image{Engine: EngineVersion, Resume: true, NV: bytes.Repeat([]byte{0x3c}, NVSize)}
+	b, err := img.MarshalBinary()
+	require.NoError(t, err)
+	v1 := append([]byte(nil), b[:len(b)-imageCRCSize]...)
+	v1[5] = 1
+	sum := sha256.Sum256(v1)
+	v1 = append(v1, sum[:]...)
+	got, err := ParseImage(v1)
+	require.NoError(t, err)
+	assert.Equal(t, img, got)
+
+	v1[100] ^= 1
+	_, err = ParseImage(v1)
+	assert.ErrorContains(t, err, "digest mismatch")
 }
 
 func TestParseImageRejects(t *testing.T) {

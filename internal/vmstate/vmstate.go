@@ -4,7 +4,6 @@
 package vmstate
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -113,7 +112,7 @@ func (s *Sealed) Load() ([]byte, error) {
 // remember notes the state just loaded or stored.
 func (s *Sealed) remember(generation uint64, created time.Time, image []byte, deltas, deltaBytes int) {
 	s.known, s.generation, s.created = true, generation, created
-	s.image, s.deltas, s.deltaBytes = bytes.Clone(image), deltas, deltaBytes
+	s.image, s.deltas, s.deltaBytes = append(s.image[:0], image...), deltas, deltaBytes
 }
 
 // get reads the VM's record. In a store of its own, another VM's record and

@@ -9,6 +9,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"sync"
 
 	"github.com/vtpmd/vtpmd/state"
 )
@@ -22,6 +23,9 @@ import (
 type Witness struct {
 	// Dir holds one small file per VM.
 	Dir string
+
+	mu    sync.Mutex
+	files map[string]*os.File // kept open: every durable write records
 }
 
 // Path is the witness file of the VM.
@@ -60,6 +64,12 @@ func (w *Witness) Check(rec *state.Record) error {
 
 // Remove forgets the VM's generation, when the VM is deleted.
 func (w *Witness) Remove(vmID string) error {
+	w.mu.Lock()
+	if f := w.files[vmID]; f != nil {
+		f.Close()
+		delete(w.files, vmID)
+	}
+	w.mu.Unlock()
 	if err := os.Remove(w.Path(vmID)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("remove generation witness: %w", err)
 	}
@@ -77,9 +87,28 @@ func (w *Witness) Sync(vmID string, gen uint64) error {
 	return w.write(vmID, gen, true)
 }
 
-func (w *Witness) write(vmID string, gen uint64, sync bool) error {
-	// Every durable write records its generation: make the directory only
-	// when it is missing, not on each write.
+func (w *Witness) write(vmID string, gen uint64, durable bool) error {
+	f, err := w.file(vmID)
+	if err != nil {
+		return fmt.Errorf("record generation: %w", err)
+	}
+	_, err = f.WriteAt(binary.BigEndian.AppendUint64(nil, gen), 0)
+	if err == nil && durable {
+		err = f.Sync()
+	}
+	if err != nil {
+		return fmt.Errorf("record generation in %s: %w", w.Path(vmID), err)
+	}
+	return nil
+}
+
+// file returns the VM's witness file, opened (and made) at its first write.
+func (w *Witness) file(vmID string) (*os.File, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if f := w.files[vmID]; f != nil {
+		return f, nil
+	}
 	f, err := os.OpenFile(w.Path(vmID), os.O_RDWR|os.O_CREATE, 0o600)
 	if errors.Is(err, fs.ErrNotExist) {
 		if err = os.MkdirAll(w.Dir, 0o700); err == nil {
@@ -87,14 +116,11 @@ func (w *Witness) write(vmID string, gen uint64, sync bool) error {
 		}
 	}
 	if err != nil {
-		return fmt.Errorf("record generation: %w", err)
+		return nil, err
 	}
-	_, err = f.WriteAt(binary.BigEndian.AppendUint64(nil, gen), 0)
-	if err == nil && sync {
-		err = f.Sync()
+	if w.files == nil {
+		w.files = map[string]*os.File{}
 	}
-	if err = errors.Join(err, f.Close()); err != nil {
-		return fmt.Errorf("record generation in %s: %w", w.Path(vmID), err)
-	}
-	return nil
+	w.files[vmID] = f
+	return f, nil
 }
