@@ -2,6 +2,7 @@ package vmstate
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"math/rand/v2"
 	"path/filepath"
@@ -139,4 +140,45 @@ func TestCorruptDelta(t *testing.T) {
 	kept, err := s.Store.Get("vm1")
 	require.NoError(t, err)
 	assert.Equal(t, [][]byte{delta.Sealed}, kept.Deltas)
+}
+
+// A lock handed to another process and back: what that process stored in
+// between is the base of the next write, which is whole, never a delta on
+// an image the store no longer holds.
+func TestDeltasAfterLockHandOver(t *testing.T) {
+	root := t.TempDir()
+	dir, key := filepath.Join(root, "vm1"), &sealing.HostKey{Path: filepath.Join(root, "host.key")}
+	image := func(b byte) []byte {
+		img := bytes.Repeat([]byte{0x11}, 4096)
+		img[100] = b
+		return img
+	}
+	source, err := OpenLockable(context.Background(), openDir(dir), key, "vm1", nil, true)
+	require.NoError(t, err)
+	require.NoError(t, source.Save(image(1)))
+	require.NoError(t, source.Save(image(2)))
+	require.NoError(t, source.Unlock())
+
+	dest, err := OpenLockable(context.Background(), openDir(dir), key, "vm1", nil, true)
+	require.NoError(t, err)
+	got, err := dest.Load()
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(image(2), got))
+	require.NoError(t, dest.Save(image(3)))
+	require.NoError(t, dest.Save(image(4)))
+	require.NoError(t, dest.Unlock())
+
+	require.NoError(t, source.Save(image(5)), "the source takes the lock back and writes")
+	require.NoError(t, source.Unlock())
+
+	fresh, err := OpenLockable(context.Background(), openDir(dir), key, "vm1", nil, true)
+	require.NoError(t, err)
+	defer fresh.Unlock()
+	got, err = fresh.Load()
+	require.NoError(t, err)
+	assert.True(t, bytes.Equal(image(5), got), "the source's last write is the state, byte %d is %d", 100, got[100])
+	rec, err := fresh.sealed.Store.Get("vm1")
+	require.NoError(t, err)
+	assert.Equal(t, uint64(5), rec.Newest(), "generations go on from the newest stored")
+	assert.Empty(t, rec.Deltas, "the write after the hand-over is whole")
 }

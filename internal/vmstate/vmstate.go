@@ -115,6 +115,12 @@ func (s *Sealed) remember(generation uint64, created time.Time, image []byte, de
 	s.image, s.deltas, s.deltaBytes = append(s.image[:0], image...), deltas, deltaBytes
 }
 
+// forget drops what is known of the stored state, so that the next Save
+// reads the stored generation and writes a whole image.
+func (s *Sealed) forget() {
+	s.known, s.image, s.deltas, s.deltaBytes = false, nil, 0, 0
+}
+
 // get reads the VM's record. In a store of its own, another VM's record and
 // none of this VM's is an error, not a missing record.
 func (s *Sealed) get() (*state.Record, error) {
@@ -309,6 +315,10 @@ func (l *Lockable) lockLocked(retries int) error {
 		store, err := l.open()
 		if err == nil {
 			l.sealed.Store, l.store = store, store
+			// Another process may have stored newer generations while the
+			// lock was away (a migration handed over and back): the next
+			// write goes on from what is stored, as a whole image.
+			l.sealed.forget()
 			break
 		}
 		if !errors.Is(err, state.ErrLocked) || attempt >= retries {
