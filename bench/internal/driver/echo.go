@@ -35,6 +35,7 @@ import (
 	"errors"
 	"net"
 	"os"
+	"syscall"
 	"time"
 
 	"github.com/vtpmd/vtpmd/bench/internal/client"
@@ -60,18 +61,34 @@ func ServeEcho(path string) error {
 		if err != nil {
 			return err
 		}
-		f, err := c.(*net.UnixConn).File() // a descriptor of its own for C
-		c.Close()
+		fd, err := takeFD(c)
 		if err != nil {
 			return err
 		}
 		go func() {
-			defer f.Close()
+			defer syscall.Close(fd)
 			buf := C.malloc(C.size_t(client.MaxResponse))
 			defer C.free(buf)
-			C.echo_serve(C.int(f.Fd()), (*C.char)(buf), C.int(client.MaxResponse))
+			C.echo_serve(C.int(fd), (*C.char)(buf), C.int(client.MaxResponse))
 		}()
 	}
+}
+
+// takeFD returns a duplicate of c's descriptor and closes c, which takes
+// the descriptor out of Go's netpoller (as vtpmd's direct loop does): left
+// there, every request would wake the netpoller's thread. (os.File would
+// register the duplicate with the netpoller again.)
+func takeFD(c net.Conn) (int, error) {
+	defer c.Close()
+	raw, err := c.(syscall.Conn).SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	fd := -1
+	if cerr := raw.Control(func(orig uintptr) { fd, err = syscall.Dup(int(orig)) }); cerr != nil {
+		return -1, cerr
+	}
+	return fd, err
 }
 
 // echoKind runs argv (with the socket path appended) as the echo server.
