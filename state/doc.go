@@ -1,7 +1,10 @@
 // Package state stores TPM state records in a pebble database: one record
 // per VM, holding the VM's sealed state image, a generation that grows with
 // every write, and metadata (the VM id, the creation time and the engine's
-// image format). A write is one pebble batch committed with Sync before it
+// image format). Beside it, under their own key prefix, the VM's deltas:
+// records of later generations that hold only a sealed change, which Get
+// returns with the record; a whole record's Put drops them in its own
+// batch. A write is one pebble batch committed with Sync before it
 // returns, so a caller that releases a TPM response only after Put returns
 // never acknowledges a change that a crash could lose. Concurrent Puts share
 // pebble's group commit: one WAL fsync serves every batch queued behind it.

@@ -1,6 +1,7 @@
 // Package vmstate keeps one VM's TPM state sealed under the VM's key as a
 // record in a state store: the vtpm.Store of a Device. It joins sealing,
-// which owns the keys, and state, which stores sealed bytes.
+// which owns the keys, and state, which stores sealed bytes. A durable
+// write stores only what changed (a delta) where the store keeps deltas.
 package vmstate
 
 import (
