@@ -31,8 +31,9 @@ const (
 	imageHeader = 4 + 2 + 2 + 4 + 2 // magic, version, flags, NV size, engine length
 	// Version 2 ends with a CRC-32C of all before it, against corruption:
 	// a durable write checks its image, and the CRC costs a tenth of the
-	// SHA-256 that version 1 (still read) ended with. Tampering is the
-	// sealed envelope's and the state blob's HMAC's to catch.
+	// SHA-256 that version 1 (still read) ended with; neither keeps out a
+	// forger, which is for the sealed envelope (and a keyed state blob's
+	// HMAC) to do.
 	imageVersion   = 2
 	imageVersion1  = 1
 	imageCRCSize   = 4
