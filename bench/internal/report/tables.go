@@ -219,7 +219,7 @@ func (r *Report) floorTable() table {
 	t.header = append(t.header, fmt.Sprintf("echo p50 @%d", n))
 	t.notes = append(t.notes,
 		"engine: mean time of vtpm.Device.Execute of the same command bytes in this process (one engine per process); the memory store keeps nothing; in-place fdatasync writes the image over itself in one file and fdatasyncs it, which a torn write could lose, so it is below what any crash-safe store must do: the disk's floor for a durable write; the fsynced file is replaced atomically and fsynced with its directory on every change; vtpmd's store is the one `vtpmd socket` uses (internal/vmstate: sealed records and deltas in the state store).",
-		"echo: the round trip of a trivial echo server (a C loop of poll, read and write, with no command run between) over the same unix stream socket type, one process per VM: the transport's floor; the daemon's latency minus echo and engine is its own overhead.")
+		"echo: the round trip of a trivial echo server (a C loop of poll, read and write, with no command run between) over the same unix stream socket type, one process per VM: the transport's floor; the daemon's latency minus echo and engine is its own overhead. At one VM both CPUs idle between round trips, and the echo's median can then sit above the daemons' (it measures how soon an idle CPU wakes, which varies from run to run on a virtual machine): the daemons' own medians are the better floor there.")
 	echo, _ := r.Cell(Echo, "echo", n)
 	for _, op := range r.Ops {
 		mem, _ := r.EngineCell(op.Name, "memory")
