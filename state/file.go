@@ -195,6 +195,9 @@ func (s *FileStore) Put(r *Record) error {
 	if s.corrupt != nil {
 		return fmt.Errorf("store state of VM %q: not overwriting %s: %w", r.VMID, s.path, s.corrupt)
 	}
+	if r.Delta || len(r.Deltas) > 0 {
+		return fmt.Errorf("store state of VM %q in %s: a state file keeps whole images, not deltas", r.VMID, s.path)
+	}
 	payload, err := r.MarshalBinary()
 	if err != nil {
 		return err

@@ -95,6 +95,24 @@ func TestFileStoreRoundTrip(t *testing.T) {
 	assert.Equal(t, uint64(1), gen)
 }
 
+// A state file keeps whole images: a delta is refused, and what the file
+// holds is left as it is.
+func TestFileStoreRefusesDeltas(t *testing.T) {
+	s := openFile(t, filepath.Join(t.TempDir(), "tpm.state"))
+	defer s.Close()
+	whole := fileRecord(1, 100)
+	require.NoError(t, s.Put(whole))
+	delta := fileRecord(2, 10)
+	delta.Delta = true
+	assert.ErrorContains(t, s.Put(delta), "a state file keeps whole images, not deltas")
+	withDeltas := fileRecord(2, 10)
+	withDeltas.Deltas = [][]byte{{1}}
+	assert.ErrorContains(t, s.Put(withDeltas), "not deltas")
+	got, err := s.Get("vm1")
+	require.NoError(t, err)
+	assert.Equal(t, whole, got)
+}
+
 // Writes alternate between the slots; the newest valid one wins.
 func TestFileStoreGenerations(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "tpm.state")
