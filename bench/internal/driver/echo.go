@@ -9,8 +9,7 @@ package driver
 
 // echo_serve writes back every read on fd until the peer closes it: poll,
 // read, write, the loop of swtpm's and vtpmd's own data channels with no
-// command run in between. (Blocking reads without the poll measured slower
-// here: a waiter in poll is woken sooner.)
+// command run in between.
 static void echo_serve(int fd, char *buf, int size) {
 	int flags = fcntl(fd, F_GETFL);
 	if (flags >= 0) fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
