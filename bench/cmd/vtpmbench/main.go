@@ -16,7 +16,14 @@
 // and the time a VM's start spends in the guardian's attestation and key
 // release, with one replica and with three on etcd (-guardian-runs).
 //
+// With -connect it drives TPMs already running, at their unix data
+// sockets (any swtpm-protocol endpoint: a swtpm or vtpmd that libvirt
+// started, a `vtpmd serve` VM's .data socket), beside or instead of
+// (-vtpmd none) the ones it starts; their CPU, memory and start-up are not
+// measured.
+//
 //	vtpmbench -vtpmd bin/vtpmd [-serve] [-swtpm /usr/bin/swtpm] [-vms 1,4,16,64,256] [-ops all] [-duration 3s]
+//	vtpmbench -vtpmd none -connect /run/a/data,/run/b/data -vms 1,2 [-swtpm none]
 package main
 
 import (
@@ -60,7 +67,9 @@ func main() {
 
 func run() error {
 	var (
-		vtpmd     = flag.String("vtpmd", "bin/vtpmd", "the vtpmd binary to measure (`make build` makes bin/vtpmd)")
+		vtpmd     = flag.String("vtpmd", "bin/vtpmd", "the vtpmd binary to measure (`make build` makes bin/vtpmd); \"none\" to start none (with -connect)")
+		connect   = flag.String("connect", "", "comma-separated unix data sockets of TPMs already running (any swtpm-protocol endpoint, started and with an empty owner authorization), one per VM and each free (a data socket serves one client at a time), measured as daemon -connect-name: their CPU, memory and start-up are not measured, and the operations' keys and NV indices are made in them")
+		connName  = flag.String("connect-name", "existing", "the name the -connect TPMs have in the report")
 		serve     = flag.Bool("serve", false, "also measure vtpmd serve (daemon \"vtpmd-serve\"): every VM a worker of one supervisor with one shared store, created and started with vtpmd ctl")
 		vtpmdEnv  = flag.String("vtpmd-env", "", "comma-separated `VAR=value` settings added to vtpmd's environment, e.g. GOMAXPROCS=1")
 		swtpm     = flag.String("swtpm", "", "the swtpm binary to compare with; default: swtpm on $PATH if installed; \"none\" to skip")
@@ -103,28 +112,44 @@ func run() error {
 	if cfg.Ops, err = workload.Select(*ops); err != nil {
 		return fmt.Errorf("-ops: %w", err)
 	}
-	path, err := filepath.Abs(*vtpmd)
-	if err == nil {
-		_, err = os.Stat(path)
+	var endpoints, env []string
+	if *connect != "" {
+		endpoints = strings.Split(*connect, ",")
 	}
-	if err != nil {
-		return fmt.Errorf("-vtpmd: %w (build it with `make build`)", err)
-	}
-	var env []string
 	if *vtpmdEnv != "" {
 		env = strings.Split(*vtpmdEnv, ",")
 	}
-	cfg.Daemons = append(cfg.Daemons, driver.Daemon{Name: "vtpmd", Path: path, Env: env})
+	path := ""
+	if *vtpmd != "none" {
+		if path, err = filepath.Abs(*vtpmd); err == nil {
+			_, err = os.Stat(path)
+		}
+		if err != nil {
+			return fmt.Errorf("-vtpmd: %w (build it with `make build`)", err)
+		}
+		cfg.Daemons = append(cfg.Daemons, driver.Daemon{Name: "vtpmd", Path: path, Env: env})
+	} else {
+		if *serve {
+			return errors.New("-serve needs -vtpmd")
+		}
+		*setups, *guardRuns = 0, 0 // both run vtpmd
+	}
+	if endpoints != nil {
+		cfg.Daemons = append(cfg.Daemons, driver.Daemon{Name: *connName, Endpoints: endpoints})
+	}
 	switch *swtpm {
 	case "none":
 	case "":
 		if p, err := exec.LookPath("swtpm"); err == nil {
 			cfg.Daemons = append(cfg.Daemons, driver.Daemon{Name: "swtpm", Path: p})
 		} else {
-			fmt.Fprintln(os.Stderr, "vtpmbench: swtpm is not installed; measuring vtpmd alone")
+			fmt.Fprintln(os.Stderr, "vtpmbench: swtpm is not installed; measuring without it")
 		}
 	default:
 		cfg.Daemons = append(cfg.Daemons, driver.Daemon{Name: "swtpm", Path: *swtpm})
+	}
+	if len(cfg.Daemons) == 0 {
+		return errors.New("nothing to measure: -vtpmd none needs -connect or swtpm")
 	}
 	if *serve {
 		cfg.Daemons = append(cfg.Daemons, driver.Daemon{Name: "vtpmd-serve", Path: path, Env: env, Serve: true})

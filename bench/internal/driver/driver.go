@@ -33,6 +33,10 @@ type Daemon struct {
 	// Serve runs every VM under one `vtpmd serve` supervisor, created and
 	// started with `vtpmd ctl`, instead of one `Path socket` per VM.
 	Serve bool
+	// Endpoints, when set, are the unix data sockets of TPMs already
+	// running, one per VM (as many as the most VMs measured): they are
+	// connected to, not started, and Path is unused.
+	Endpoints []string
 }
 
 // Config configures a run.
@@ -108,6 +112,11 @@ func Run(ctx context.Context, cfg Config) (*report.Report, error) {
 	}
 	cfg.VMs = slices.Clone(cfg.VMs)
 	slices.Sort(cfg.VMs)
+	for _, d := range cfg.Daemons {
+		if most := cfg.VMs[len(cfg.VMs)-1]; d.Endpoints != nil && len(d.Endpoints) < most {
+			return nil, fmt.Errorf("%s: %d endpoints for up to %d VMs", d.Name, len(d.Endpoints), most)
+		}
+	}
 	base, err := os.MkdirTemp(cfg.StateDir, "vtpmbench-")
 	if err != nil {
 		return nil, err
@@ -127,11 +136,14 @@ func Run(ctx context.Context, cfg Config) (*report.Report, error) {
 		// vtpmd seals state under a host key, kept in the run's directory
 		// rather than the system's; swtpm ignores the variable.
 		env := append([]string{"VTPMD_HOST_KEY=" + filepath.Join(base, "host.key")}, d.Env...)
-		if d.Serve {
+		switch {
+		case d.Endpoints != nil:
+			r.kinds = append(r.kinds, fleet.Existing(d.Name, d.Endpoints))
+		case d.Serve:
 			srv := fleet.NewServer(d.Path, filepath.Join(base, d.Name), env)
 			r.servers = append(r.servers, srv)
 			r.kinds = append(r.kinds, fleet.ServeDaemon(d.Name, srv))
-		} else {
+		default:
 			r.kinds = append(r.kinds, fleet.Daemon(d.Name, d.Path, env))
 		}
 		r.rep.Daemons = append(r.rep.Daemons, d.Name)
@@ -184,6 +196,9 @@ func (r *run) startups(ctx context.Context) error {
 	for _, state := range []string{"new", "existing"} {
 		for i := range r.cfg.Starts {
 			for _, k := range r.kinds {
+				if k.Endpoints != nil {
+					continue // not ours to start
+				}
 				if err := ctx.Err(); err != nil {
 					return err
 				}
@@ -205,6 +220,9 @@ func (r *run) startups(ctx context.Context) error {
 		}
 		for _, k := range r.kinds {
 			s := samples[k.Name+state]
+			if len(s) == 0 {
+				continue
+			}
 			sorted := slices.Clone(s)
 			slices.Sort(sorted)
 			r.rep.Startup = append(r.rep.Startup, report.Startup{
@@ -247,7 +265,13 @@ func (r *run) grow(ctx context.Context, k fleet.Kind, n int) error {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		in, err := fleet.Start(k, filepath.Join(r.base, fmt.Sprintf("%s-%03d", k.Name, have+i)))
+		var in *fleet.Instance
+		var err error
+		if k.Endpoints != nil {
+			in, err = fleet.Connect(k, have+i)
+		} else {
+			in, err = fleet.Start(k, filepath.Join(r.base, fmt.Sprintf("%s-%03d", k.Name, have+i)))
+		}
 		if err != nil {
 			return err
 		}
@@ -276,7 +300,10 @@ func (r *run) level(ctx context.Context, n int) error {
 		if err := r.grow(ctx, k, n); err != nil {
 			return err
 		}
-		if k.Serve != nil {
+		switch {
+		case k.Endpoints != nil:
+			continue // their processes are not known
+		case k.Serve != nil:
 			if err := r.serveMemory(k, n); err != nil {
 				return err
 			}
@@ -611,6 +638,10 @@ func machine(stateDir string, daemons []Daemon) report.Machine {
 	m.StateFS = fsType(stateDir)
 	m.LoadBefore = loadAverage()
 	for _, d := range daemons {
+		if d.Endpoints != nil {
+			m.Versions[d.Name] = fmt.Sprintf("TPMs already running at %d data sockets (%s, ...)", len(d.Endpoints), d.Endpoints[0])
+			continue
+		}
 		out, err := exec.Command(d.Path, "--version").CombinedOutput()
 		line, _, _ := strings.Cut(strings.TrimSpace(string(out)), "\n")
 		if err != nil {

@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -114,4 +115,57 @@ func TestDriverAgainstVtpmd(t *testing.T) {
 	assert.Contains(t, md.String(), "| getrandom | 1 |")
 	assert.Contains(t, md.String(), "vtpmd-serve ops/s")
 	assert.True(t, strings.HasPrefix(svg.String(), "<svg"), "SVG starts with <svg")
+}
+
+// TestDriverConnectsToExistingTPMs drives two TPMs the run did not start,
+// at their data sockets, beside a vtpmd it starts: the existing ones are
+// measured, left running, and have no CPU, memory or start-up entries.
+func TestDriverConnectsToExistingTPMs(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs vtpmd")
+	}
+	bin := buildVtpmd(t)
+	t.Setenv("VTPMD_HOST_KEY", filepath.Join(t.TempDir(), "host.key"))
+	var endpoints []string
+	var running []*exec.Cmd
+	for i := range 2 {
+		dir := filepath.Join(t.TempDir(), fmt.Sprint(i))
+		require.NoError(t, os.MkdirAll(dir, 0o700))
+		argv := fleet.Daemon("running", bin, nil).Argv(dir)
+		cmd := exec.Command(argv[0], argv[1:]...)
+		require.NoError(t, cmd.Start())
+		t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+		running = append(running, cmd)
+		endpoints = append(endpoints, filepath.Join(dir, "data"))
+		require.Eventually(t, func() bool { _, err := os.Stat(endpoints[i]); return err == nil }, 20*time.Second, 10*time.Millisecond)
+	}
+	cfg := Config{
+		Daemons:  []Daemon{{Name: "vtpmd", Path: bin}, {Name: "existing", Endpoints: endpoints}},
+		VMs:      []int{1, 2},
+		Ops:      []workload.Op{workload.All()[0]},
+		Duration: 100 * time.Millisecond,
+		Starts:   1,
+		StateDir: t.TempDir(),
+	}
+	rep, err := Run(context.Background(), cfg)
+	require.NoError(t, err)
+	assert.Zero(t, fleet.Live(), "the run's own processes are stopped")
+	for _, cmd := range running {
+		assert.NoError(t, cmd.Process.Signal(syscall.Signal(0)), "an existing TPM is left running")
+	}
+	for _, n := range []int{1, 2} {
+		c, ok := rep.Cell("existing", cfg.Ops[0].Name, n)
+		require.True(t, ok, "%d VMs", n)
+		assert.Zero(t, c.Errors, c.FirstError)
+		assert.Positive(t, c.OpsPerSec)
+		assert.Zero(t, c.CPUPer1000, "their processes are not known")
+		_, ok = rep.MemoryOf("existing", n)
+		assert.False(t, ok)
+	}
+	_, ok := rep.StartupOf("existing", "new")
+	assert.False(t, ok)
+
+	cfg.VMs = []int{3}
+	_, err = Run(context.Background(), cfg)
+	assert.ErrorContains(t, err, "existing: 2 endpoints for up to 3 VMs")
 }

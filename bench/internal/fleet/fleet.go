@@ -36,6 +36,18 @@ type Kind struct {
 	// Serve, when set, runs the VMs as workers of one `vtpmd serve`
 	// supervisor instead of one process each; Argv is then unused.
 	Serve *Server
+	// Endpoints, when set, are the data sockets of TPMs already running,
+	// one per VM in order: nothing is started, the VMs are connected to
+	// (Connect), and their processes are unknown, so neither their CPU nor
+	// their memory nor their start-up is measured.
+	Endpoints []string
+}
+
+// Existing is the Kind of TPMs already serving at the unix data sockets
+// endpoints, driven as they are: started (TPM2_Startup done) and with an
+// empty owner authorization, as a fresh VM's TPM.
+func Existing(name string, endpoints []string) Kind {
+	return Kind{Name: name, Endpoints: endpoints, NoCtrl: true, Probe: probeGetRandom}
 }
 
 // Daemon is the Kind of a swtpm-compatible daemon at path, started as
@@ -103,10 +115,13 @@ func (in *Instance) Pid() int {
 }
 
 // pids returns the processes that serve the instance: for a VM of a Serve
-// kind, the supervisor and all its workers.
+// kind, the supervisor and all its workers; none for an existing TPM.
 func (in *Instance) pids() []int {
-	if in.sup != nil {
+	switch {
+	case in.sup != nil:
 		return in.sup.pids()
+	case in.cmd == nil:
+		return nil
 	}
 	return []int{in.cmd.Process.Pid}
 }
@@ -134,6 +149,34 @@ func Start(kind Kind, dir string) (*Instance, error) {
 		in.Kill()
 		return nil, fmt.Errorf("%s in %s: %w%s", kind.Name, dir, err, in.tail())
 	}
+	return in, nil
+}
+
+// Connect connects to the i-th of kind's Endpoints and checks that it
+// answers a command.
+func Connect(kind Kind, i int) (*Instance, error) {
+	if i >= len(kind.Endpoints) {
+		return nil, fmt.Errorf("%s: no endpoint for VM %d: %d given", kind.Name, i+1, len(kind.Endpoints))
+	}
+	in := &Instance{Kind: kind, dataPath: kind.Endpoints[i]}
+	d, err := client.DialData(in.dataPath)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", kind.Name, err)
+	}
+	in.Data = d
+	start := time.Now()
+	err = d.SetDeadline(start.Add(ReadyTimeout))
+	if err == nil {
+		err = kind.Probe(d)
+	}
+	if err == nil {
+		err = d.SetDeadline(time.Time{})
+	}
+	if err != nil {
+		d.Close()
+		return nil, fmt.Errorf("%s at %s: first command: %w", kind.Name, in.dataPath, err)
+	}
+	in.Ready = time.Since(start)
 	return in, nil
 }
 
@@ -249,8 +292,11 @@ func forget(in *Instance) {
 func (in *Instance) Stop(timeout time.Duration) error {
 	defer forget(in)
 	in.closeConns()
-	if in.sup != nil {
+	switch {
+	case in.sup != nil:
 		return in.sup.ctl(timeout, "stop", in.name)
+	case in.cmd == nil:
+		return nil // an existing TPM is left running
 	}
 	_ = in.cmd.Process.Signal(syscall.SIGTERM)
 	select {
@@ -267,8 +313,8 @@ func (in *Instance) Stop(timeout time.Duration) error {
 func (in *Instance) Kill() {
 	defer forget(in)
 	in.closeConns()
-	if in.sup != nil {
-		return // the supervisor is killed on its own
+	if in.sup != nil || in.cmd == nil {
+		return // the supervisor is killed on its own; an existing TPM is not ours
 	}
 	_ = in.cmd.Process.Kill()
 	<-in.done

@@ -177,7 +177,8 @@ func (r *Report) StartupOf(daemon, state string) (Startup, bool) {
 
 // ratio returns a/b, or NaN when either is missing or b is 0.
 func ratio(a, b float64) float64 {
-	if b == 0 || math.IsNaN(a) || math.IsNaN(b) {
+	// Zero is a value not measured (the CPU of a TPM the run did not start).
+	if a == 0 || b == 0 || math.IsNaN(a) || math.IsNaN(b) {
 		return math.NaN()
 	}
 	return a / b

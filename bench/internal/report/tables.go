@@ -391,7 +391,11 @@ func (r *Report) tables() []table {
 	if r.hasEcho() {
 		ts = append(ts, r.echoTable())
 	}
-	ts = append(ts, r.memoryTable(), r.startupTable())
+	for _, t := range []table{r.memoryTable(), r.startupTable()} {
+		if len(t.rows) > 0 { // none for TPMs the run connected to
+			ts = append(ts, t)
+		}
+	}
 	ts = append(ts, r.serveTables()...)
 	if r.Provisioning != nil && len(r.Provisioning.Tools) > 0 {
 		ts = append(ts, r.provisioningTable())
