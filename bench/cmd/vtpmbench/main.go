@@ -17,8 +17,8 @@
 // release, with one replica and with three on etcd (-guardian-runs).
 //
 // With -connect it drives TPMs already running, at their unix data
-// sockets (any swtpm-protocol endpoint: a swtpm or vtpmd that libvirt
-// started, a `vtpmd serve` VM's .data socket), beside or instead of
+// sockets (any swtpm-protocol endpoint: a swtpm or vtpmd started with
+// --server, a `vtpmd serve` VM's data socket), beside or instead of
 // (-vtpmd none) the ones it starts; their CPU, memory and start-up are not
 // measured.
 //
