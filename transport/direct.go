@@ -277,6 +277,7 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/vtpmd/vtpmd/internal/unixsock"
 	"github.com/vtpmd/vtpmd/vtpm"
 )
 
@@ -357,21 +358,10 @@ func (s *Server) newDirectConn(c net.Conn) *directConn {
 	if !ok || s.Disconnect {
 		return nil
 	}
-	sc, ok := c.(syscall.Conn)
-	if !ok {
-		return nil
-	}
-	raw, err := sc.SyscallConn()
+	fd, err := unixsock.Dup(c)
 	if err != nil {
 		return nil
 	}
-	fd := -1
-	if err := raw.Control(func(orig uintptr) {
-		fd, err = syscall.Dup(int(orig))
-	}); err != nil || fd < 0 {
-		return nil
-	}
-	syscall.CloseOnExec(fd)
 	var stats *C.struct_tr_stats
 	if s.DirectStats != nil {
 		stats = s.DirectStats.s

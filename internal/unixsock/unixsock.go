@@ -1,5 +1,6 @@
 // Package unixsock creates the unix sockets vtpmd listens on, private from
-// the moment they exist.
+// the moment they exist, and takes a connection's descriptor for a loop
+// that polls it itself.
 package unixsock
 
 import (
@@ -33,4 +34,28 @@ func Listen(path string, mode os.FileMode, uid, gid int) (*net.UnixListener, err
 		return nil, fmt.Errorf("set mode and owner of %s: %w", path, err)
 	}
 	return l, nil
+}
+
+// Dup returns a close-on-exec duplicate of c's descriptor. Once c is
+// closed, the duplicate is out of Go's netpoller, for a loop that polls it
+// itself: while registered there, every request would wake the
+// netpoller's thread.
+func Dup(c net.Conn) (int, error) {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return -1, fmt.Errorf("duplicate the descriptor of a %T: it has none", c)
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return -1, fmt.Errorf("duplicate a connection's descriptor: %w", err)
+	}
+	fd := -1
+	if cerr := raw.Control(func(orig uintptr) { fd, err = syscall.Dup(int(orig)) }); cerr != nil {
+		err = cerr
+	}
+	if err != nil {
+		return -1, fmt.Errorf("duplicate a connection's descriptor: %w", err)
+	}
+	syscall.CloseOnExec(fd)
+	return fd, nil
 }

@@ -40,6 +40,7 @@ import (
 	"github.com/vtpmd/vtpmd/bench/internal/client"
 	"github.com/vtpmd/vtpmd/bench/internal/fleet"
 	"github.com/vtpmd/vtpmd/bench/internal/workload"
+	"github.com/vtpmd/vtpmd/internal/unixsock"
 )
 
 // ServeEcho serves the echo floor on a unix socket at path: every read is
@@ -60,7 +61,10 @@ func ServeEcho(path string) error {
 		if err != nil {
 			return err
 		}
-		fd, err := takeFD(c)
+		// Out of Go's netpoller, as vtpmd's direct loop takes its own
+		// (os.File would register the duplicate there again).
+		fd, err := unixsock.Dup(c)
+		c.Close()
 		if err != nil {
 			return err
 		}
@@ -71,23 +75,6 @@ func ServeEcho(path string) error {
 			C.echo_serve(C.int(fd), (*C.char)(buf), C.int(client.MaxResponse))
 		}()
 	}
-}
-
-// takeFD returns a duplicate of c's descriptor and closes c, which takes
-// the descriptor out of Go's netpoller (as vtpmd's direct loop does): left
-// there, every request would wake the netpoller's thread. (os.File would
-// register the duplicate with the netpoller again.)
-func takeFD(c net.Conn) (int, error) {
-	defer c.Close()
-	raw, err := c.(syscall.Conn).SyscallConn()
-	if err != nil {
-		return -1, err
-	}
-	fd := -1
-	if cerr := raw.Control(func(orig uintptr) { fd, err = syscall.Dup(int(orig)) }); cerr != nil {
-		return -1, cerr
-	}
-	return fd, err
 }
 
 // echoKind runs argv (with the socket path appended) as the echo server.
