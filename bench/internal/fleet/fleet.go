@@ -165,18 +165,10 @@ func Connect(kind Kind, i int) (*Instance, error) {
 	}
 	in.Data = d
 	start := time.Now()
-	err = d.SetDeadline(start.Add(ReadyTimeout))
-	if err == nil {
-		err = kind.Probe(d)
-	}
-	if err == nil {
-		err = d.SetDeadline(time.Time{})
-	}
-	if err != nil {
+	if err := in.probe(start, start.Add(ReadyTimeout)); err != nil {
 		d.Close()
-		return nil, fmt.Errorf("%s at %s: first command: %w", kind.Name, in.dataPath, err)
+		return nil, fmt.Errorf("%s at %s: %w", kind.Name, in.dataPath, err)
 	}
-	in.Ready = time.Since(start)
 	return in, nil
 }
 
@@ -238,14 +230,7 @@ func (in *Instance) connect(start time.Time) error {
 		}
 		time.Sleep(200 * time.Microsecond)
 	}
-	if err := in.Data.SetDeadline(deadline); err != nil {
-		return err
-	}
-	if err := in.Kind.Probe(in.Data); err != nil {
-		return fmt.Errorf("first command: %w", err)
-	}
-	in.Ready = time.Since(start)
-	if err := in.Data.SetDeadline(time.Time{}); err != nil {
+	if err := in.probe(start, deadline); err != nil {
 		return err
 	}
 	if in.Kind.NoCtrl {
@@ -264,6 +249,19 @@ func (in *Instance) connect(start time.Time) error {
 		return fmt.Errorf("CMD_GET_CAPABILITY: capabilities %#x lack CMD_INIT", caps)
 	}
 	return nil
+}
+
+// probe sends the Kind's first command on the data connection by deadline
+// and sets Ready to the time from start to its answer.
+func (in *Instance) probe(start, deadline time.Time) error {
+	if err := in.Data.SetDeadline(deadline); err != nil {
+		return err
+	}
+	if err := in.Kind.Probe(in.Data); err != nil {
+		return fmt.Errorf("first command: %w", err)
+	}
+	in.Ready = time.Since(start)
+	return in.Data.SetDeadline(time.Time{})
 }
 
 func (in *Instance) tail() string {
