@@ -46,10 +46,14 @@ func FuzzParseImage(f *testing.F) {
 	})
 }
 
+// imageV1 says b is an image of version 1, which ends with a SHA-256 and
+// marshals as version 2.
+func imageV1(b []byte) bool { return len(b) > 5 && b[4] == 0 && b[5] == 1 }
+
 // withCheck returns b with its last bytes replaced by the check value of
 // the rest, as its version byte asks, or nil if b is too short.
 func withCheck(b []byte) []byte {
-	size, v1 := 4, len(b) > 5 && b[4] == 0 && b[5] == 1
+	size, v1 := 4, imageV1(b)
 	if v1 {
 		size = sha256.Size
 	}
@@ -82,7 +86,7 @@ func checkImage(t *testing.T, b []byte) {
 	if err != nil {
 		t.Fatalf("marshal a parsed image: %v", err)
 	}
-	if len(b) > 5 && b[5] == 1 { // version 1 marshals as version 2
+	if imageV1(b) { // version 1 marshals as version 2
 		again, err := vtpm.ParseImage(out)
 		if err != nil || !reflect.DeepEqual(again, img) {
 			t.Fatalf("a version 1 image marshals to one that parses to %v (%v)", again != nil, err)
