@@ -240,7 +240,7 @@ func (d *Device) manufactureLocked() (*Image, error) {
 			return nil, fmt.Errorf("manufacture TPM: command %#x failed with rc %#x", binary.BigEndian.Uint32(cmd[6:]), rc)
 		}
 	}
-	img := &Image{Engine: EngineVersion, NV: nvExport()}
+	img := &Image{Engine: EngineVersion, NV: nvExportInto(nil)}
 	b, err := img.MarshalBinary()
 	if err != nil {
 		return nil, err

@@ -36,8 +36,6 @@ import (
 // checked by a golden test.
 const NVSize = 16384
 
-func nvExport() []byte { return nvExportInto(nil) }
-
 // nvExportInto exports NV into buf if it has room, else into a new slice.
 func nvExportInto(buf []byte) []byte {
 	if cap(buf) < NVSize {
