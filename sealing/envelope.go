@@ -56,10 +56,7 @@ type Envelope struct {
 // Seal encrypts plaintext for the VM under key, binding the VM id, kind and
 // generation.
 func Seal(key *Key, vmID string, kind Kind, generation uint64, plaintext []byte) ([]byte, error) {
-	aead, err := key.aead()
-	if err != nil {
-		return nil, err
-	}
+	aead := key.aead
 	if len(key.ID) > 255 {
 		return nil, fmt.Errorf("seal: key id of %d bytes is too long", len(key.ID))
 	}
@@ -119,11 +116,7 @@ func Open(key *Key, vmID string, kind Kind, generation uint64, sealed []byte) ([
 	case env.Generation != generation:
 		return nil, fmt.Errorf("%w: generation %d, want %d", ErrAuth, env.Generation, generation)
 	}
-	aead, err := key.aead()
-	if err != nil {
-		return nil, err
-	}
-	plain, err := aead.Open(nil, env.nonce, env.ciphertext, associatedData(env.header, vmID))
+	plain, err := key.aead.Open(nil, env.nonce, env.ciphertext, associatedData(env.header, vmID))
 	if err != nil {
 		return nil, ErrAuth
 	}
@@ -135,6 +128,7 @@ func Open(key *Key, vmID string, kind Kind, generation uint64, sealed []byte) ([
 type Key struct {
 	ID     string
 	secret []byte
+	aead   cipher.AEAD // made once: AES's key schedule costs more than a small seal
 }
 
 // NewKey makes a key from 32 secret bytes; the id names it in envelopes.
@@ -142,15 +136,15 @@ func NewKey(id string, secret []byte) (*Key, error) {
 	if len(secret) != 32 {
 		return nil, fmt.Errorf("state key must be 32 bytes, not %d", len(secret))
 	}
-	return &Key{ID: id, secret: append([]byte(nil), secret...)}, nil
-}
-
-func (k *Key) aead() (cipher.AEAD, error) {
-	block, err := aes.NewCipher(k.secret)
+	block, err := aes.NewCipher(secret)
 	if err != nil {
 		return nil, fmt.Errorf("state key: %w", err)
 	}
-	return cipher.NewGCM(block)
+	aead, err := cipher.NewGCM(block)
+	if err != nil {
+		return nil, fmt.Errorf("state key: %w", err)
+	}
+	return &Key{ID: id, secret: append([]byte(nil), secret...), aead: aead}, nil
 }
 
 // String never shows the secret.

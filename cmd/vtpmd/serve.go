@@ -165,7 +165,7 @@ func runServe(args []string, stdout io.Writer) error {
 func runWorker(args []string) error {
 	var name, level string
 	var startupClear bool
-	fds := map[string]*int{"supervisor": new(int), "channel-fd": new(int), "ctrl-fd": new(int), "data-fd": new(int),
+	fds := map[string]*int{"supervisor": new(int), "channel-fd": new(int), "records-fd": new(int), "ctrl-fd": new(int), "data-fd": new(int),
 		"vsock-ctrl-fd": new(int), "vsock-data-fd": new(int), "vsock-cid": new(int)}
 	specs := []flagSpec{
 		{long: "vm", takesValue: true, set: setString(&name)},
@@ -186,7 +186,7 @@ func runWorker(args []string) error {
 	if err := parseArgs("worker", args, specs); err != nil {
 		return err
 	}
-	if name == "" || *fds["supervisor"] < 0 || *fds["channel-fd"] < 0 || *fds["ctrl-fd"] < 0 {
+	if name == "" || *fds["supervisor"] < 0 || *fds["channel-fd"] < 0 || *fds["records-fd"] < 0 || *fds["ctrl-fd"] < 0 {
 		return errors.New("worker: started by 'vtpmd serve' only")
 	}
 	lvl := slog.LevelInfo
@@ -208,6 +208,7 @@ func runWorker(args []string) error {
 	defer stop()
 	c := worker.Config{
 		Channel: os.NewFile(uintptr(*fds["channel-fd"]), "supervisor"),
+		Records: os.NewFile(uintptr(*fds["records-fd"]), "supervisor records"),
 		Ctrl:    os.NewFile(uintptr(*fds["ctrl-fd"]), "ctrl"),
 		Log:     log,
 

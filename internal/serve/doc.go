@@ -34,7 +34,7 @@
 // inherited descriptors, so that every worker of the VM, also one started
 // after a crash, serves the same paths and a client can connect again. The
 // worker serves them itself with a transport.Server (no extra hop). It runs
-// with GOMAXPROCS=1, no_new_privs, PR_SET_PDEATHSIG, no core dumps, in its
+// with GOMAXPROCS=2, no_new_privs, PR_SET_PDEATHSIG, no core dumps, in its
 // own process group, with no descriptors but its own, and, with
 // worker_user set (--worker-user), as that unprivileged user with no
 // supplementary groups. Like a freshly started swtpm, a new worker's TPM
@@ -43,10 +43,11 @@
 // TPM2_Startup(CLEAR) itself, as swtpm's --flags
 // not-need-init,startup-clear: for tpm2-tools on the data socket.
 //
-// Supervisor and worker speak package workerproto over a socketpair: the
-// supervisor hands the worker its VM's state key (never in argv, the
-// environment or a log), the worker asks for its VM's sealed record and
-// sends every new one. The worker seals (vmstate.Sealed: a generation per
+// Supervisor and worker speak package workerproto over two socketpairs. On
+// the channel the supervisor hands the worker its VM's state key (never in
+// argv, the environment or a log) and asks for statistics; on the records
+// channel the worker asks for its VM's sealed record and sends every new
+// one, and waits for each answer in a blocking read on the TPM's own thread. The worker seals (vmstate.Sealed: a generation per
 // write, the VM id bound into the seal); the supervisor checks that the
 // record is the worker's own VM's and newer than the one stored, commits it
 // with state.Store.Put, whose fsync concurrent workers share (group

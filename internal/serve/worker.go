@@ -189,23 +189,25 @@ func describeExit(exit int, err error) string {
 // exit status (negative: the signal that killed it), or an error if it
 // could not start.
 func (r *vmRun) runWorker() (int, error) {
-	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	// Two socketpairs: the channel (the key, statistics, readiness) and the
+	// records channel (the worker's requests for its state, answered in
+	// order; see worker.remote).
+	conn, theirs, err := socketpair("worker channel")
 	if err != nil {
-		return 0, fmt.Errorf("socketpair: %w", err)
+		return 0, err
 	}
-	mine, theirs := os.NewFile(uintptr(fds[0]), "worker channel"), os.NewFile(uintptr(fds[1]), "worker channel")
-	conn, err := net.FileConn(mine)
-	mine.Close()
+	defer conn.Close()
+	records, theirRecords, err := socketpair("worker records")
 	if err != nil {
 		theirs.Close()
 		return 0, err
 	}
-	defer conn.Close()
+	defer records.Close()
 	// The worker's descriptor n is ExtraFiles[n-3]. files are this
 	// start's copies, closed once the worker has them.
-	files := []*os.File{theirs}
+	files := []*os.File{theirs, theirRecords}
 	args := []string{"worker", "--vm", r.vm.Name, "--supervisor", strconv.Itoa(os.Getpid()),
-		"--channel-fd", "3", "--log-level", r.s.cfg.LogLevel}
+		"--channel-fd", "3", "--records-fd", "4", "--log-level", r.s.cfg.LogLevel}
 	for _, l := range []struct {
 		flag string
 		l    *net.UnixListener
@@ -238,7 +240,11 @@ func (r *vmRun) runWorker() (int, error) {
 		args = append(args, "--startup-clear")
 	}
 	cmd := exec.Command(r.s.exe, args...)
-	cmd.Env = []string{"GOMAXPROCS=1"}
+	// Two Ps, one of them idle: while the TPM's thread waits in C or in a
+	// system call (the next command, the store's fsync), Go's sysmon leaves
+	// its P alone only if another P is idle. With one P it takes it away
+	// at each wait and wakes another thread, and itself, at the next.
+	cmd.Env = []string{"GOMAXPROCS=2"}
 	cmd.Stderr = r.s.cfg.WorkerLog
 	cmd.ExtraFiles = extra
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true, Credential: r.s.cred}
@@ -267,7 +273,7 @@ func (r *vmRun) runWorker() (int, error) {
 			_ = cmd.Process.Kill()
 		}
 	}()
-	if err := r.converse(conn, pid); err != nil {
+	if err := r.converse(conn, records, pid); err != nil {
 		r.log.Error("worker broke the protocol; killing it", "pid", pid, "err", err)
 		_ = cmd.Process.Kill()
 	}
@@ -283,16 +289,33 @@ func (r *vmRun) runWorker() (int, error) {
 	return 0, err
 }
 
+// socketpair makes a connected pair of unix stream sockets: ours, in Go's
+// netpoller, and the worker's end, blocking, to be inherited.
+func socketpair(name string) (net.Conn, *os.File, error) {
+	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("socketpair for the %s: %w", name, err)
+	}
+	mine, theirs := os.NewFile(uintptr(fds[0]), name), os.NewFile(uintptr(fds[1]), name)
+	conn, err := net.FileConn(mine)
+	mine.Close()
+	if err != nil {
+		theirs.Close()
+		return nil, nil, fmt.Errorf("the %s: %w", name, err)
+	}
+	return conn, theirs, nil
+}
+
 func closeFiles(files []*os.File) {
 	for _, f := range files {
 		f.Close()
 	}
 }
 
-// converse hands the worker its key (or the guardian's config) and then
-// answers its requests until the worker goes. An error is a protocol
-// violation.
-func (r *vmRun) converse(conn net.Conn, pid int) error {
+// converse hands the worker its key (or the guardian's config), reads what
+// the worker says on the channel, and answers its requests on the records
+// channel, until the worker goes. An error is a protocol violation.
+func (r *vmRun) converse(conn, records net.Conn, pid int) error {
 	var err error
 	if r.key == nil {
 		err = r.write(conn, workerproto.Guardian{VMID: r.vm.ID, Config: r.s.guardian})
@@ -309,31 +332,69 @@ func (r *vmRun) converse(conn net.Conn, pid int) error {
 		r.conn = nil
 		r.mu.Unlock()
 	}()
+	told := make(chan error, 1)
+	go func() {
+		err := r.listen(conn, pid)
+		if err != nil {
+			records.Close() // ends answer
+		}
+		told <- err
+	}()
+	err = r.answer(records)
+	if err != nil {
+		conn.Close() // ends listen
+	}
+	return errors.Join(err, <-told)
+}
+
+// workerGone says that err is the end of a worker's socketpair.
+func workerGone(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) || errors.Is(err, syscall.ECONNRESET)
+}
+
+// listen reads what the worker says on the channel: Ready, Stats and
+// KeyStatus, none of them answered.
+func (r *vmRun) listen(conn net.Conn, pid int) error {
 	for {
 		m, err := workerproto.ReadMessage(conn)
 		switch {
-		case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, net.ErrClosed), errors.Is(err, syscall.ECONNRESET):
+		case workerGone(err):
 			return nil
 		case err != nil:
 			return err
 		}
-		var reply workerproto.Message
 		switch m := m.(type) {
 		case workerproto.Ready:
 			r.mu.Lock()
 			r.phase, r.pid, r.conn = "running", pid, conn
 			r.mu.Unlock()
 			r.readyOnce.Do(func() { close(r.ready) })
-			continue
 		case workerproto.Stats:
 			select {
 			case r.statsCh <- m:
 			default: // nobody asked: drop it
 			}
-			continue
 		case workerproto.KeyStatus:
 			r.setKeyStatus(m)
-			continue
+		default:
+			return fmt.Errorf("unexpected message of type %d on the channel", m.Type())
+		}
+	}
+}
+
+// answer answers the worker's requests on the records channel, one at a
+// time.
+func (r *vmRun) answer(records net.Conn) error {
+	for {
+		m, err := workerproto.ReadMessage(records)
+		switch {
+		case workerGone(err):
+			return nil
+		case err != nil:
+			return err
+		}
+		var reply workerproto.Message
+		switch m := m.(type) {
 		case workerproto.Get:
 			reply = r.get(m)
 		case workerproto.Put:
@@ -343,9 +404,9 @@ func (r *vmRun) converse(conn net.Conn, pid int) error {
 		case workerproto.PutProtector:
 			reply = r.putProtector(m)
 		default:
-			return fmt.Errorf("unexpected message of type %d", m.Type())
+			return fmt.Errorf("unexpected message of type %d on the records channel", m.Type())
 		}
-		if err := r.write(conn, reply); err != nil {
+		if err := workerproto.WriteMessage(records, reply); err != nil {
 			return nil
 		}
 	}

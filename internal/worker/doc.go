@@ -3,24 +3,27 @@
 // data path has no extra hop.
 //
 // The supervisor starts a worker as `vtpmd worker` (the same binary) with
-// GOMAXPROCS=1, from a thread that has no_new_privs set (so the worker has
-// it from its first instruction), with PR_SET_PDEATHSIG (SIGKILL) so that it
-// dies with the supervisor, in a process group of its own, and with only
-// these descriptors: /dev/null, the log, the socketpair to the supervisor,
-// and the VM's listening control socket (and data socket, if the VM has
+// GOMAXPROCS=2 (one P runs the TPM; an idle second one keeps Go's sysmon
+// from taking the first away at every wait), from a thread that has
+// no_new_privs set (so the worker has it from its first instruction), with
+// PR_SET_PDEATHSIG (SIGKILL) so that it dies with the supervisor, in a
+// process group of its own, and with only these descriptors: /dev/null, the
+// log, the two socketpairs to the supervisor (the channel and the records
+// channel), and the VM's listening control socket (and data socket, if the VM has
 // one). Harden then makes the process undumpable and without core dumps,
 // since it holds the VM's key, and checks that the supervisor is still its
 // parent.
 //
-// The worker reads its VM's state key from the socketpair (it never appears
+// The worker reads its VM's state key from the channel (it never appears
 // in argv, the environment or the logs), or, on a host with a guardian, the
 // guardian config, and then obtains the key from the guardian itself when
 // its TPM starts (host.KeySource, its key protector kept by the
 // supervisor), so that the key lives in this process only. It opens a
 // vtpm.Device whose Store is a vmstate.Sealed on a remote record store, and
-// serves the sockets with a transport.Server. Sealed seals every new state image in the worker, as
-// the next generation with the VM id bound in; the remote store sends the
-// sealed record to the supervisor, which commits it to the one pebble store
+// serves the sockets with a transport.Server. Sealed seals every new state
+// image in the worker, as the next generation with the VM id bound in; the
+// remote store sends the sealed record to the supervisor on the records
+// channel, which commits it to the one pebble store
 // (sharing its fsync with the other workers' records) and acknowledges it.
 // Only then does Save return, so no TPM response leaves before its state is
 // stored. Loading asks the supervisor for the VM's record the same way.

@@ -1,6 +1,7 @@
 package worker
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -25,8 +26,14 @@ import (
 
 // Config is what a worker is started with.
 type Config struct {
-	// Channel is the socketpair to the supervisor.
+	// Channel is the socketpair on which the supervisor sends the key and
+	// asks for statistics, and the worker says it is ready.
 	Channel *os.File
+	// Records is the socketpair on which the worker asks the supervisor
+	// for its VM's record and key protector and sends new ones, one request
+	// at a time. It must be a blocking descriptor: the TPM's thread waits
+	// for the answer in read(2), off Go's netpoller (see remote).
+	Records *os.File
 	// Ctrl is the VM's listening control socket.
 	Ctrl *os.File
 	// Data is the VM's listening data socket, or nil.
@@ -54,6 +61,7 @@ func Run(ctx context.Context, c Config) error {
 		return fmt.Errorf("the channel to the supervisor: %w", err)
 	}
 	defer ch.Close()
+	defer c.Records.Close()
 	msg, err := workerproto.ReadMessage(ch)
 	if err != nil {
 		return fmt.Errorf("read the VM's key: %w", err)
@@ -64,7 +72,7 @@ func Run(ctx context.Context, c Config) error {
 	if err != nil {
 		return err
 	}
-	records := newRemote(ch, &cmds, direct, &calls)
+	records := newRemote(ch, c.Records, &cmds, direct, &calls)
 	sealed := &vmstate.Sealed{Store: records}
 	switch m := msg.(type) {
 	case workerproto.Key:
@@ -241,13 +249,20 @@ func guardianKey(ctx context.Context, m workerproto.Guardian, records *remote, c
 }
 
 // remote is the record store of a worker: the supervisor, asked over the
-// socketpair. It implements vmstate.Records and host.Protectors.
+// records socketpair. It implements vmstate.Records and host.Protectors.
+//
+// A request and its answer are a write and a blocking read on the caller's
+// own thread: a durable TPM command waits for the supervisor's fsync
+// without parking its goroutine in Go's netpoller, which would idle the
+// worker's only P and cost a wake-up of sysmon and of another thread on
+// every write. Messages the supervisor starts (statistics requests) come on
+// the other socketpair, ch, read by read.
 type remote struct {
-	w       io.Writer
-	r       io.Reader
-	mu      sync.Mutex // one request at a time
-	wmu     sync.Mutex // one frame at a time: requests and Stats
-	replies chan workerproto.Message
+	ch      net.Conn
+	records *os.File
+	replies *bufio.Reader // of records
+	mu      sync.Mutex    // one request at a time
+	wmu     sync.Mutex    // one frame at a time on ch
 	closed  chan struct{}
 	readErr error
 	cmds    *metrics.Commands
@@ -255,8 +270,8 @@ type remote struct {
 	calls   *metrics.GuardianCalls
 }
 
-func newRemote(ch net.Conn, cmds *metrics.Commands, direct *transport.DirectStats, calls *metrics.GuardianCalls) *remote {
-	return &remote{w: ch, r: ch, replies: make(chan workerproto.Message, 1), closed: make(chan struct{}), cmds: cmds, direct: direct, calls: calls}
+func newRemote(ch net.Conn, records *os.File, cmds *metrics.Commands, direct *transport.DirectStats, calls *metrics.GuardianCalls) *remote {
+	return &remote{ch: ch, records: records, replies: bufio.NewReaderSize(records, workerproto.MaxFrame+4), closed: make(chan struct{}), cmds: cmds, direct: direct, calls: calls}
 }
 
 // stats are the worker's counts: Execute's and the direct loop's.
@@ -273,34 +288,31 @@ func (r *remote) stats() workerproto.Stats {
 	return st
 }
 
-// read passes the supervisor's replies on until the channel closes.
+// read answers the supervisor's statistics requests until the channel
+// closes.
 func (r *remote) read() {
 	defer close(r.closed)
 	for {
-		m, err := workerproto.ReadMessage(r.r)
+		m, err := workerproto.ReadMessage(r.ch)
 		if err != nil {
 			r.readErr = err
 			return
 		}
-		if _, ok := m.(workerproto.StatsRequest); ok {
-			if err := r.send(r.stats()); err != nil {
-				r.readErr = err
-				return
-			}
-			continue
-		}
-		select {
-		case r.replies <- m:
-		default:
+		if _, ok := m.(workerproto.StatsRequest); !ok {
 			r.readErr = fmt.Errorf("the supervisor sent an unasked message of type %d", m.Type())
+			return
+		}
+		if err := r.send(r.stats()); err != nil {
+			r.readErr = err
 			return
 		}
 	}
 }
 
+// send writes m on the channel.
 func (r *remote) send(m workerproto.Message) error {
 	r.wmu.Lock()
-	err := workerproto.WriteMessage(r.w, m)
+	err := workerproto.WriteMessage(r.ch, m)
 	r.wmu.Unlock()
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrSupervisorGone, err)
@@ -308,21 +320,24 @@ func (r *remote) send(m workerproto.Message) error {
 	return nil
 }
 
+// call sends req on the records socketpair and reads the answer.
 func (r *remote) call(req workerproto.Message) (workerproto.Message, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if err := r.send(req); err != nil {
-		return nil, err
+	if err := workerproto.WriteMessage(r.records, req); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrSupervisorGone, err)
 	}
-	select {
-	case m := <-r.replies:
-		if e, ok := m.(workerproto.Error); ok {
-			return nil, fmt.Errorf("supervisor: %s", e.Message)
-		}
-		return m, nil
-	case <-r.closed:
-		return nil, fmt.Errorf("%w: %v", ErrSupervisorGone, r.readErr)
+	m, err := workerproto.ReadMessage(r.replies)
+	switch {
+	case errors.Is(err, io.EOF):
+		return nil, fmt.Errorf("%w: the records channel closed", ErrSupervisorGone)
+	case err != nil:
+		return nil, fmt.Errorf("%w: %v", ErrSupervisorGone, err)
 	}
+	if e, ok := m.(workerproto.Error); ok {
+		return nil, fmt.Errorf("supervisor: %s", e.Message)
+	}
+	return m, nil
 }
 
 // Get asks the supervisor for the VM's record.

@@ -1,23 +1,28 @@
 // Package workerproto is the protocol between the supervisor of `vtpmd
-// serve` and its workers, over the socketpair each worker inherits: typed
-// messages and one codec.
+// serve` and its workers, over the two socketpairs each worker inherits:
+// typed messages and one codec.
 //
 // A frame is a 4-byte big-endian length, then that many bytes: a type byte
 // and the message's fields (strings and byte strings with a 2- or 4-byte
-// length before them, integers big-endian). The supervisor sends Key first,
-// or, for a host with a guardian, Guardian: the worker obtains the key from
-// the guardian itself when its TPM starts, so that the key is never in the
-// supervisor. The worker answers Ready once it serves its sockets. After
-// that the worker asks and the supervisor answers, one request at a time:
-// Get is answered by Record, NotFound or Error; Put by Ack or Error;
-// GetProtector by Protector, NotFound or Error; PutProtector by Ack
-// (stored), Protector (the VM has one already: that one) or Error. Ack
-// means the record is durably stored: only then may the worker release the
-// TPM response whose state it holds. A guardian worker also tells the
-// supervisor how each attempt to obtain the key went (KeyStatus; no answer).
-// Independently of that, the supervisor may send StatsRequest at any time
-// (a metrics scrape); the worker answers with Stats, its TPM command counts
-// and guardian calls, so that the per-command path costs no message.
+// length before them, integers big-endian).
+//
+// On the channel, the supervisor sends Key first, or, for a host with a
+// guardian, Guardian: the worker obtains the key from the guardian itself
+// when its TPM starts, so that the key is never in the supervisor. The
+// worker says Ready once it serves its sockets, and a guardian worker tells
+// how each attempt to obtain the key went (KeyStatus). The supervisor may
+// send StatsRequest at any time (a metrics scrape); the worker answers with
+// Stats, its TPM command counts and guardian calls, so that the per-command
+// path costs no message. Nothing else is answered.
+//
+// On the records channel the worker asks and the supervisor answers, one
+// request at a time, and nothing else is sent: Get is answered by Record,
+// NotFound or Error; Put by Ack or Error; GetProtector by Protector,
+// NotFound or Error; PutProtector by Ack (stored), Protector (the VM has
+// one already: that one) or Error. Ack means the record is durably stored:
+// only then may the worker release the TPM response whose state it holds.
+// Keeping the two apart lets the worker wait for an answer in a plain
+// blocking read.
 package workerproto
 
 import (
