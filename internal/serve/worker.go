@@ -1,6 +1,7 @@
 package serve
 
 import (
+	"bufio"
 	"errors"
 	"fmt"
 	"io"
@@ -385,8 +386,9 @@ func (r *vmRun) listen(conn net.Conn, pid int) error {
 // answer answers the worker's requests on the records channel, one at a
 // time.
 func (r *vmRun) answer(records net.Conn) error {
+	requests := bufio.NewReaderSize(records, workerproto.MaxFrame+4) // a request in one read
 	for {
-		m, err := workerproto.ReadMessage(records)
+		m, err := workerproto.ReadMessage(requests)
 		switch {
 		case workerGone(err):
 			return nil

@@ -22,6 +22,7 @@ import (
 	"github.com/vtpmd/vtpmd/state"
 	"github.com/vtpmd/vtpmd/transport"
 	"github.com/vtpmd/vtpmd/vtpm"
+	"golang.org/x/sys/unix"
 )
 
 // Config is what a worker is started with.
@@ -327,6 +328,11 @@ func (r *remote) call(req workerproto.Message) (workerproto.Message, error) {
 	if err := workerproto.WriteMessage(r.records, req); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrSupervisorGone, err)
 	}
+	if r.replies.Buffered() == 0 {
+		if err := waitReadable(r.records); err != nil {
+			return nil, fmt.Errorf("%w: %v", ErrSupervisorGone, err)
+		}
+	}
 	m, err := workerproto.ReadMessage(r.replies)
 	switch {
 	case errors.Is(err, io.EOF):
@@ -338,6 +344,20 @@ func (r *remote) call(req workerproto.Message) (workerproto.Message, error) {
 		return nil, fmt.Errorf("supervisor: %s", e.Message)
 	}
 	return m, nil
+}
+
+// waitReadable waits in poll(2) until f has bytes to read (or its end).
+// A read(2) that blocks on a unix socket is woken, for nothing, also when
+// the peer consumes what this side sent (the supervisor reading the
+// request): poll's wake-ups go by event.
+func waitReadable(f *os.File) error {
+	fds := []unix.PollFd{{Fd: int32(f.Fd()), Events: unix.POLLIN}}
+	for {
+		_, err := unix.Poll(fds, -1)
+		if err != unix.EINTR {
+			return err
+		}
+	}
 }
 
 // Get asks the supervisor for the VM's record.
