@@ -38,6 +38,10 @@ type Options struct {
 	// MemTableSize is pebble's memtable size; 0 is 1 MiB, enough for one
 	// VM. A store shared by many VMs (`vtpmd serve`) wants more.
 	MemTableSize uint64
+	// LogZeroFill is how far ahead of the writes a write-ahead log is
+	// zero-filled (see logFS); 0 is 64 KiB. A store with many writers wants
+	// more.
+	LogZeroFill int64
 }
 
 const (
@@ -80,12 +84,15 @@ func Open(dir string, o Options) (*Store, error) {
 	if o.MemTableSize == 0 {
 		o.MemTableSize = 1 << 20
 	}
+	if o.LogZeroFill == 0 {
+		o.LogZeroFill = logZeroFill
+	}
 	db, err := pebble.Open(dir, &pebble.Options{
 		Cache:        cache,
 		MemTableSize: o.MemTableSize,
 		ReadOnly:     o.ReadOnly,
 		Logger:       quietLogger{},
-		FS:           logFS{vfs.Default},
+		FS:           logFS{FS: vfs.Default, zeroFill: o.LogZeroFill},
 	})
 	if err != nil {
 		cache.Unref()
@@ -246,32 +253,69 @@ func (s *Store) List() ([]Entry, error) {
 	return out, errors.Join(it.Error(), it.Close())
 }
 
-// logZeroFill is how much of each new write-ahead log is written with
-// zeros before pebble writes to it: the first ~180 durable writes of a VM
-// after a start, without a cost at start that could be measured here
-// (bench/RESULTS.md).
+// logZeroFill is how far ahead of pebble's writes a write-ahead log is
+// written with zeros, unless Options.LogZeroFill says otherwise: the first
+// ~180 durable writes of a VM after a start, without a cost at start that
+// could be measured here (bench/RESULTS.md).
 const logZeroFill = 64 << 10
 
 // logFS is the file system pebble runs on, with its new write-ahead logs
-// zero-filled: a log written from its start then overwrites blocks it
+// zero-filled ahead of pebble's writes: a log then overwrites blocks it
 // already has, and the fdatasync after each durable write flushes the data
-// alone, where a growing file also has its size written (a third more time
-// per write here). Pebble reuses a log only once its memtable is flushed,
-// and never one of an earlier process, so a VM's first writes after a
-// start would all grow the file. A zeroed tail reads as the end of the
-// log, as for pebble's own preallocated and recycled logs.
-type logFS struct{ vfs.FS }
+// alone, where a growing file also has its size (its inode) written, a
+// synchronous write more per commit. Pebble reuses a log only once its
+// memtable is flushed, and never one of an earlier process, so without this
+// every commit to a new log would grow it. A zeroed tail reads as the end
+// of the log, as for pebble's own preallocated and recycled logs.
+type logFS struct {
+	vfs.FS
+	zeroFill int64
+}
 
-// Create creates the file, zero-filling it if it is a write-ahead log.
+// Create creates the file, zero-filling it ahead of the writes if it is a
+// write-ahead log.
 func (fs logFS) Create(name string) (vfs.File, error) {
 	f, err := fs.FS.Create(name)
 	if err != nil || !strings.HasSuffix(name, ".log") {
 		return f, err
 	}
-	if _, err := f.WriteAt(make([]byte, logZeroFill), 0); err != nil {
-		return nil, errors.Join(fmt.Errorf("zero-fill write-ahead log %s: %w", name, err), f.Close())
+	z := &zeroAheadFile{File: f, name: name, chunk: fs.zeroFill}
+	if err := z.zeroTo(0); err != nil {
+		return nil, errors.Join(err, f.Close())
 	}
-	return f, nil
+	return z, nil
+}
+
+// zeroAheadFile is a write-ahead log that pebble writes in order: it keeps
+// zeros written up to a chunk ahead of the end of pebble's writes.
+type zeroAheadFile struct {
+	vfs.File
+	name          string
+	chunk         int64
+	written, zero int64 // the end of pebble's writes; of the zeros
+}
+
+// zeroTo writes zeros from z.zero on, if end is within a chunk of it, so
+// that a chunk lies ahead of end.
+func (z *zeroAheadFile) zeroTo(end int64) error {
+	if end+z.chunk/2 <= z.zero {
+		return nil
+	}
+	n := end + z.chunk - z.zero
+	if _, err := z.File.WriteAt(make([]byte, n), z.zero); err != nil {
+		return fmt.Errorf("zero-fill write-ahead log %s: %w", z.name, err)
+	}
+	z.zero += n
+	return nil
+}
+
+func (z *zeroAheadFile) Write(p []byte) (int, error) {
+	if err := z.zeroTo(z.written + int64(len(p))); err != nil {
+		return 0, err
+	}
+	n, err := z.File.Write(p)
+	z.written += int64(n)
+	return n, err
 }
 
 // quietLogger drops pebble's informational logs; fatal errors still stop

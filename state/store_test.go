@@ -1,6 +1,7 @@
 package state
 
 import (
+	"bytes"
 	"os"
 	"path/filepath"
 	"sync"
@@ -151,12 +152,14 @@ func TestConcurrentPuts(t *testing.T) {
 	}
 }
 
-// A store's new log is zero-filled ahead of its records: a copy of the
-// directory taken while the store is open, as a crash leaves it, replays
-// every record written, its zeroed tail read as the log's end.
+// A store's new log is zero-filled ahead of its records, chunk after
+// chunk as they come: a copy of the directory taken while the store is
+// open, as a crash leaves it, replays every record written, its zeroed tail
+// read as the log's end.
 func TestZeroFilledLogReplays(t *testing.T) {
+	const chunk = 4096
 	dir := t.TempDir()
-	s, err := Open(dir, Options{})
+	s, err := Open(dir, Options{LogZeroFill: chunk})
 	require.NoError(t, err)
 	defer s.Close()
 	logs, err := filepath.Glob(filepath.Join(dir, "*.log"))
@@ -164,12 +167,18 @@ func TestZeroFilledLogReplays(t *testing.T) {
 	require.Len(t, logs, 1)
 	info, err := os.Stat(logs[0])
 	require.NoError(t, err)
-	assert.GreaterOrEqual(t, info.Size(), int64(logZeroFill), "the new log is zero-filled")
+	assert.Equal(t, int64(chunk), info.Size(), "the new log is zero-filled")
 
 	require.NoError(t, s.Put(&Record{VMID: "vm1", Generation: 1, Engine: "e", Sealed: []byte("whole")}))
-	for gen := uint64(2); gen <= 20; gen++ {
-		require.NoError(t, s.Put(&Record{VMID: "vm1", Generation: gen, Engine: "e", Sealed: []byte{byte(gen)}, Delta: true}))
+	delta := bytes.Repeat([]byte{0xa5}, 500)
+	for gen := uint64(2); gen <= 40; gen++ {
+		delta[0] = byte(gen)
+		require.NoError(t, s.Put(&Record{VMID: "vm1", Generation: gen, Engine: "e", Sealed: delta, Delta: true}))
 	}
+	log, err := os.ReadFile(logs[0])
+	require.NoError(t, err)
+	assert.Greater(t, len(log), 39*500, "the zeros followed the records")
+	assert.Equal(t, make([]byte, chunk/2), log[len(log)-chunk/2:], "zeros ahead of the last record")
 
 	crashed := t.TempDir()
 	entries, err := os.ReadDir(dir)
@@ -187,6 +196,6 @@ func TestZeroFilledLogReplays(t *testing.T) {
 	defer c.Close()
 	got, err := c.Get("vm1")
 	require.NoError(t, err)
-	assert.Equal(t, uint64(20), got.Newest())
-	assert.Equal(t, []byte{20}, got.Deltas[len(got.Deltas)-1])
+	assert.Equal(t, uint64(40), got.Newest())
+	assert.Equal(t, delta, got.Deltas[len(got.Deltas)-1])
 }

@@ -149,7 +149,7 @@ func Open(cfg Config) (*Supervisor, error) {
 	if err != nil {
 		return nil, err
 	}
-	store, err := state.Open(cfg.StateDir, state.Options{MemTableSize: 16 << 20})
+	store, err := state.Open(cfg.StateDir, state.Options{MemTableSize: 16 << 20, LogZeroFill: 1 << 20})
 	if err != nil {
 		return nil, err
 	}
