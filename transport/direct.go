@@ -447,29 +447,12 @@ func (d *directConn) SetReadDeadline(t time.Time) error {
 	return nil
 }
 
-// yieldEvery is how often a direct loop that keeps coming back to Go (a
-// VM's durable writes) gives its P up for a moment. Go's sysmon takes the P
-// from a goroutine that has run without a scheduling point for 10 ms as soon
-// as it is in a system call or in C, and that makes sysmon poll every 20 us
-// for the next millisecond: dozens of context switches, where a yield costs
-// one or two.
-const yieldEvery = 4 * time.Millisecond
-
-// yieldSometimes yields the P if the last yield, at *last, is yieldEvery ago.
-func yieldSometimes(last *time.Time) {
-	if now := time.Now(); now.Sub(*last) >= yieldEvery {
-		runtime.Gosched()
-		*last = now
-	}
-}
-
 // errDirectWrite: the direct loop could not send a response.
 var errDirectWrite = errors.New("write TPM response")
 
 // serveDirect runs commands in the direct loop until Go's path must take
 // the next one. Bytes read but not run are left in d.left.
 func (s *Server) serveDirect(ctx context.Context, d *directConn) error {
-	lastYield := time.Now()
 	for {
 		var why C.int
 		ran, err := d.tpm.RunDirect(ctx, d.wake, func(x vtpm.DirectExec) vtpm.DirectRun {
@@ -495,7 +478,6 @@ func (s *Server) serveDirect(ctx context.Context, d *directConn) error {
 			if _, err := d.Write(resp); err != nil {
 				return fmt.Errorf("%w: %w", errDirectWrite, err)
 			}
-			yieldSometimes(&lastYield)
 			continue
 		}
 		if d.l.have > 0 {

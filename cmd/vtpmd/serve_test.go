@@ -642,7 +642,7 @@ func TestServeQEMUBoot(t *testing.T) {
 	g.checkBoots(t)
 }
 
-// A worker runs with no_new_privs, without core dumps, with GOMAXPROCS=2
+// A worker runs with no_new_privs, without core dumps, with GOMAXPROCS=1
 // as its whole environment, and holds no file of the store or the host
 // key; its VM's key is in neither its argv, its environment nor the logs.
 func TestServeWorkerIsolation(t *testing.T) {
@@ -660,7 +660,7 @@ func TestServeWorkerIsolation(t *testing.T) {
 	}
 	assert.Contains(t, proc("status"), "NoNewPrivs:\t1")
 	assert.Regexp(t, `Max core file size\s+0\s+0`, proc("limits"))
-	assert.Equal(t, "GOMAXPROCS=2\x00", proc("environ"))
+	assert.Equal(t, "GOMAXPROCS=1\x00", proc("environ"))
 	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", st.PID))
 	require.NoError(t, err)
 	hostKey := os.Getenv("VTPMD_HOST_KEY")

@@ -34,7 +34,8 @@
 // inherited descriptors, so that every worker of the VM, also one started
 // after a crash, serves the same paths and a client can connect again. The
 // worker serves them itself with a transport.Server (no extra hop). It runs
-// with GOMAXPROCS=2, no_new_privs, PR_SET_PDEATHSIG, no core dumps, in its
+// with GOMAXPROCS=1 (a second P while its durable writes come fast),
+// no_new_privs, PR_SET_PDEATHSIG, no core dumps, in its
 // own process group, with no descriptors but its own, and, with
 // worker_user set (--worker-user), as that unprivileged user with no
 // supplementary groups. Like a freshly started swtpm, a new worker's TPM

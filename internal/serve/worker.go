@@ -241,11 +241,9 @@ func (r *vmRun) runWorker() (int, error) {
 		args = append(args, "--startup-clear")
 	}
 	cmd := exec.Command(r.s.exe, args...)
-	// Two Ps, one of them idle: while the TPM's thread waits in C or in a
-	// system call (the next command, the store's fsync), Go's sysmon leaves
-	// its P alone only if another P is idle. With one P it takes it away
-	// at each wait and wakes another thread, and itself, at the next.
-	cmd.Env = []string{"GOMAXPROCS=2"}
+	// One P; the worker takes a second while its durable writes come fast
+	// (see internal/worker's pacer).
+	cmd.Env = []string{"GOMAXPROCS=1"}
 	cmd.Stderr = r.s.cfg.WorkerLog
 	cmd.ExtraFiles = extra
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true, Credential: r.s.cred}

@@ -3,8 +3,8 @@
 // data path has no extra hop.
 //
 // The supervisor starts a worker as `vtpmd worker` (the same binary) with
-// GOMAXPROCS=2 (one P runs the TPM; an idle second one keeps Go's sysmon
-// from taking the first away at every wait), from a thread that has
+// GOMAXPROCS=1 (the worker takes a second P while its durable writes come
+// fast, see pacer), from a thread that has
 // no_new_privs set (so the worker has it from its first instruction), with
 // PR_SET_PDEATHSIG (SIGKILL) so that it dies with the supervisor, in a
 // process group of its own, and with only these descriptors: /dev/null, the

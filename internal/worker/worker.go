@@ -269,10 +269,11 @@ type remote struct {
 	cmds    *metrics.Commands
 	direct  *transport.DirectStats
 	calls   *metrics.GuardianCalls
+	pace    *pacer
 }
 
 func newRemote(ch net.Conn, records *os.File, cmds *metrics.Commands, direct *transport.DirectStats, calls *metrics.GuardianCalls) *remote {
-	return &remote{ch: ch, records: records, replies: bufio.NewReaderSize(records, workerproto.MaxFrame+4), closed: make(chan struct{}), cmds: cmds, direct: direct, calls: calls}
+	return &remote{ch: ch, records: records, replies: bufio.NewReaderSize(records, workerproto.MaxFrame+4), closed: make(chan struct{}), cmds: cmds, direct: direct, calls: calls, pace: newPacer()}
 }
 
 // stats are the worker's counts: Execute's and the direct loop's.
@@ -378,6 +379,7 @@ func (r *remote) Get(vmID string) (*state.Record, error) {
 // Put sends the sealed record to the supervisor and returns once it is
 // durably stored.
 func (r *remote) Put(rec *state.Record) error {
+	r.pace.write(time.Now())
 	m, err := r.call(workerproto.Put{Record: rec})
 	if err != nil {
 		return err
