@@ -56,6 +56,9 @@ type Envelope struct {
 // Seal encrypts plaintext for the VM under key, binding the VM id, kind and
 // generation.
 func Seal(key *Key, vmID string, kind Kind, generation uint64, plaintext []byte) ([]byte, error) {
+	if key.aead == nil {
+		return nil, errors.New("seal: the key was not made by NewKey")
+	}
 	aead := key.aead
 	if len(key.ID) > 255 {
 		return nil, fmt.Errorf("seal: key id of %d bytes is too long", len(key.ID))
@@ -115,6 +118,9 @@ func Open(key *Key, vmID string, kind Kind, generation uint64, sealed []byte) ([
 		return nil, fmt.Errorf("%w: kind %d, want %d", ErrAuth, env.Kind, kind)
 	case env.Generation != generation:
 		return nil, fmt.Errorf("%w: generation %d, want %d", ErrAuth, env.Generation, generation)
+	}
+	if key.aead == nil {
+		return nil, errors.New("open: the key was not made by NewKey")
 	}
 	plain, err := key.aead.Open(nil, env.nonce, env.ciphertext, associatedData(env.header, vmID))
 	if err != nil {

@@ -55,6 +55,12 @@ func TestSealOpen(t *testing.T) {
 	}
 	_, err = Open(key, "vm1", KindTPMState, 7, sealed[:20])
 	assert.ErrorIs(t, err, ErrMalformed)
+
+	bare := &Key{ID: key.ID} // not made by NewKey: an error, not a panic
+	_, err = Seal(bare, "vm1", KindTPMState, 8, plain)
+	assert.Error(t, err)
+	_, err = Open(bare, "vm1", KindTPMState, 7, sealed)
+	assert.Error(t, err)
 }
 
 func TestHostKeyFile(t *testing.T) {

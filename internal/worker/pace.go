@@ -20,11 +20,12 @@ import (
 //     scheduled for 10 ms, and the direct loop's goroutine never is.
 //
 // So a worker runs with two Ps while its TPM stores state more often than
-// every few milliseconds (measured: 64 busy VMs do twice the durable writes
-// they do with one P), yielding now and then, and with one P otherwise (256
-// busy VMs, each waiting longer than 10 ms, do 1.6 times more with one).
+// every few milliseconds (measured: 64 busy VMs do 1.5 times the durable
+// writes they do with one P), yielding now and then, and with one P
+// otherwise (256 busy VMs, each waiting longer than 10 ms, do 1.6 to 2 times
+// more with one).
 const (
-	// twoPsBelow and oneP are the mean gaps between durable writes under
+	// twoPsBelow and onePAbove are the mean gaps between durable writes under
 	// which the worker takes a second P and over which it gives it back.
 	twoPsBelow = 5 * time.Millisecond
 	onePAbove  = 10 * time.Millisecond

@@ -33,7 +33,8 @@ type Config struct {
 	// Records is the socketpair on which the worker asks the supervisor
 	// for its VM's record and key protector and sends new ones, one request
 	// at a time. It must be a blocking descriptor: the TPM's thread waits
-	// for the answer in read(2), off Go's netpoller (see remote).
+	// for the answer in poll(2) and read(2), off Go's netpoller (see
+	// remote).
 	Records *os.File
 	// Ctrl is the VM's listening control socket.
 	Ctrl *os.File
@@ -252,12 +253,13 @@ func guardianKey(ctx context.Context, m workerproto.Guardian, records *remote, c
 // remote is the record store of a worker: the supervisor, asked over the
 // records socketpair. It implements vmstate.Records and host.Protectors.
 //
-// A request and its answer are a write and a blocking read on the caller's
+// A request and its answer are a write, a poll and a read on the caller's
 // own thread: a durable TPM command waits for the supervisor's fsync
 // without parking its goroutine in Go's netpoller, which would idle the
-// worker's only P and cost a wake-up of sysmon and of another thread on
-// every write. Messages the supervisor starts (statistics requests) come on
-// the other socketpair, ch, read by read.
+// worker's P and cost a wake-up of sysmon and of another thread on every
+// write (see pacer for the rest of that story). Messages the supervisor
+// starts (statistics requests) come on the other socketpair, ch, read by
+// read.
 type remote struct {
 	ch      net.Conn
 	records *os.File
