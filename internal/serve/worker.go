@@ -346,20 +346,22 @@ func (r *vmRun) converse(conn, records net.Conn, pid int) error {
 	return errors.Join(err, <-told)
 }
 
-// workerGone says that err is the end of a worker's socketpair.
-func workerGone(err error) bool {
-	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) || errors.Is(err, syscall.ECONNRESET)
+// next reads the worker's next message from r: nil, and no error, once the
+// worker has gone (the socketpair's end).
+func next(r io.Reader) (workerproto.Message, error) {
+	m, err := workerproto.ReadMessage(r)
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) || errors.Is(err, syscall.ECONNRESET) {
+		return nil, nil
+	}
+	return m, err
 }
 
 // listen reads what the worker says on the channel: Ready, Stats and
 // KeyStatus, none of them answered.
 func (r *vmRun) listen(conn net.Conn, pid int) error {
 	for {
-		m, err := workerproto.ReadMessage(conn)
-		switch {
-		case workerGone(err):
-			return nil
-		case err != nil:
+		m, err := next(conn)
+		if m == nil {
 			return err
 		}
 		switch m := m.(type) {
@@ -386,11 +388,8 @@ func (r *vmRun) listen(conn net.Conn, pid int) error {
 func (r *vmRun) answer(records net.Conn) error {
 	requests := bufio.NewReaderSize(records, workerproto.MaxFrame+4) // a request in one read
 	for {
-		m, err := workerproto.ReadMessage(requests)
-		switch {
-		case workerGone(err):
-			return nil
-		case err != nil:
+		m, err := next(requests)
+		if m == nil {
 			return err
 		}
 		var reply workerproto.Message
