@@ -53,6 +53,9 @@
 // record is the worker's own VM's and newer than the one stored, commits it
 // with state.Store.Put, whose fsync concurrent workers share (group
 // commit), records the generation witness, and only then acknowledges it.
+// While commits come one at a time the supervisor runs on one P, and on
+// all again at the first two that overlap (commitPacer), unless the
+// environment sets GOMAXPROCS.
 // The worker's Save returns only on that acknowledgement, so no TPM
 // response leaves before its state is stored. A worker can reach no other
 // VM's state or key.

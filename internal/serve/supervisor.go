@@ -61,6 +61,7 @@ type Supervisor struct {
 	names    map[string]*nameLock
 	registry *prometheus.Registry
 	commits  prometheus.Histogram // state commit latency
+	pace     *commitPacer
 
 	// vsockMu makes the check that a created VM's vsock ports are free
 	// and its registration one step.
@@ -167,6 +168,7 @@ func Open(cfg Config) (*Supervisor, error) {
 		sockGID:  gid,
 		runs:     map[string]*vmRun{},
 		names:    map[string]*nameLock{},
+		pace:     newCommitPacer(),
 	}
 	if guardianConfig == nil {
 		s.keys = &sealing.HostKey{Path: cfg.HostKey}

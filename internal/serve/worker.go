@@ -449,7 +449,10 @@ func (r *vmRun) put(m workerproto.Put) workerproto.Message {
 		return workerproto.Error{Message: fmt.Sprintf("a change of generation %d does not follow the stored %d", rec.Generation, r.lastGen)}
 	}
 	start := time.Now()
-	if err := r.s.store.Put(rec); err != nil {
+	r.s.pace.begin(start)
+	err := r.s.store.Put(rec)
+	r.s.pace.end()
+	if err != nil {
 		r.log.Error("state not stored", "generation", rec.Generation, "err", err)
 		return workerproto.Error{Message: err.Error()}
 	}
