@@ -295,8 +295,8 @@ type zeroAheadFile struct {
 	written, zero int64 // the end of pebble's writes; of the zeros
 }
 
-// zeroTo writes zeros from z.zero on, if end is within a chunk of it, so
-// that a chunk lies ahead of end.
+// zeroTo writes zeros from z.zero on, if end is within half a chunk of it,
+// so that a chunk lies ahead of end.
 func (z *zeroAheadFile) zeroTo(end int64) error {
 	if end+z.chunk/2 <= z.zero {
 		return nil

@@ -35,30 +35,29 @@
 // after a crash, serves the same paths and a client can connect again. The
 // worker serves them itself with a transport.Server (no extra hop). It runs
 // with GOMAXPROCS=1 (a second P while its durable writes come fast),
-// no_new_privs, PR_SET_PDEATHSIG, no core dumps, in its
-// own process group, with no descriptors but its own, and, with
-// worker_user set (--worker-user), as that unprivileged user with no
-// supplementary groups. Like a freshly started swtpm, a new worker's TPM
-// waits for CMD_INIT, unless the VM was created with startup_clear
-// (--startup-clear), when every worker powers it on and sends
-// TPM2_Startup(CLEAR) itself, as swtpm's --flags
-// not-need-init,startup-clear: for tpm2-tools on the data socket.
+// no_new_privs, PR_SET_PDEATHSIG, no core dumps, in its own process group,
+// with no descriptors but its own, and, with worker_user set
+// (--worker-user), as that unprivileged user with no supplementary groups.
+// Like a freshly started swtpm, a new worker's TPM waits for CMD_INIT,
+// unless the VM was created with startup_clear (--startup-clear), when every
+// worker powers it on and sends TPM2_Startup(CLEAR) itself, as swtpm's
+// --flags not-need-init,startup-clear: for tpm2-tools on the data socket.
 //
 // Supervisor and worker speak package workerproto over two socketpairs. On
 // the channel the supervisor hands the worker its VM's state key (never in
 // argv, the environment or a log) and asks for statistics; on the records
 // channel the worker asks for its VM's sealed record and sends every new
-// one, and waits for each answer in a blocking read on the TPM's own thread. The worker seals (vmstate.Sealed: a generation per
-// write, the VM id bound into the seal); the supervisor checks that the
-// record is the worker's own VM's and newer than the one stored, commits it
-// with state.Store.Put, whose fsync concurrent workers share (group
-// commit), records the generation witness, and only then acknowledges it.
-// While commits come one at a time the supervisor runs on one P, and on
-// all again at the first two that overlap (commitPacer), unless the
-// environment sets GOMAXPROCS.
-// The worker's Save returns only on that acknowledgement, so no TPM
-// response leaves before its state is stored. A worker can reach no other
-// VM's state or key.
+// one, and waits for each answer in poll(2) and read(2) on the TPM's own
+// thread. The worker seals (vmstate.Sealed: a generation per write, the VM
+// id bound into the seal); the supervisor checks that the record is the
+// worker's own VM's and newer than the one stored, commits it with
+// state.Store.Put, whose fsync concurrent workers share (group commit),
+// records the generation witness, and only then acknowledges it. While
+// commits come one at a time the supervisor runs on one P, and on all again
+// at the first two that overlap (commitPacer), unless the environment sets
+// GOMAXPROCS. The worker's Save returns only on that acknowledgement, so no
+// TPM response leaves before its state is stored. A worker can reach no
+// other VM's state or key.
 //
 // # The guardian
 //

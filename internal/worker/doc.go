@@ -4,37 +4,36 @@
 //
 // The supervisor starts a worker as `vtpmd worker` (the same binary) with
 // GOMAXPROCS=1 (the worker takes a second P while its durable writes come
-// fast, see pacer), from a thread that has
-// no_new_privs set (so the worker has it from its first instruction), with
-// PR_SET_PDEATHSIG (SIGKILL) so that it dies with the supervisor, in a
-// process group of its own, and with only these descriptors: /dev/null, the
-// log, the two socketpairs to the supervisor (the channel and the records
-// channel), and the VM's listening control socket (and data socket, if the VM has
-// one). Harden then makes the process undumpable and without core dumps,
-// since it holds the VM's key, and checks that the supervisor is still its
-// parent.
+// fast, see pacer), from a thread that has no_new_privs set (so the worker
+// has it from its first instruction), with PR_SET_PDEATHSIG (SIGKILL) so
+// that it dies with the supervisor, in a process group of its own, and with
+// only these descriptors: /dev/null, the log, the two socketpairs to the
+// supervisor (the channel and the records channel), and the VM's listening
+// control socket (and data socket, if the VM has one). Harden then makes the
+// process undumpable and without core dumps, since it holds the VM's key,
+// and checks that the supervisor is still its parent.
 //
-// The worker reads its VM's state key from the channel (it never appears
-// in argv, the environment or the logs), or, on a host with a guardian, the
+// The worker reads its VM's state key from the channel (it never appears in
+// argv, the environment or the logs), or, on a host with a guardian, the
 // guardian config, and then obtains the key from the guardian itself when
-// its TPM starts (host.KeySource, its key protector kept by the
-// supervisor), so that the key lives in this process only. It opens a
-// vtpm.Device whose Store is a vmstate.Sealed on a remote record store, and
-// serves the sockets with a transport.Server. Sealed seals every new state
-// image in the worker, as the next generation with the VM id bound in; the
-// remote store sends the sealed record to the supervisor on the records
-// channel, which commits it to the one pebble store
-// (sharing its fsync with the other workers' records) and acknowledges it.
-// Only then does Save return, so no TPM response leaves before its state is
-// stored. Loading asks the supervisor for the VM's record the same way.
-// With StartupClear the worker powers the TPM on and starts it before it
-// serves. Inherited vsock sockets are served too, to the VM's guest CID
-// only. The worker counts its TPM commands by command code with their
-// latency, and its guardian calls by op and result, in memory, and sends
-// the counts when the supervisor asks (package metrics). Its data
-// connections are served by the transport's direct loop, in C, which counts
-// the commands it runs in the worker's transport.DirectStats before each
-// response goes, without coming back to Go for it.
+// its TPM starts (host.KeySource, its key protector kept by the supervisor),
+// so that the key lives in this process only. It opens a vtpm.Device whose
+// Store is a vmstate.Sealed on a remote record store, and serves the sockets
+// with a transport.Server. Sealed seals every new state image in the worker,
+// as the next generation with the VM id bound in; the remote store sends the
+// sealed record to the supervisor on the records channel, which commits it
+// to the one pebble store (sharing its fsync with the other workers'
+// records) and acknowledges it. Only then does Save return, so no TPM
+// response leaves before its state is stored. Loading asks the supervisor
+// for the VM's record the same way. With StartupClear the worker powers the
+// TPM on and starts it before it serves. Inherited vsock sockets are served
+// too, to the VM's guest CID only. The worker counts its TPM commands by
+// command code with their latency, and its guardian calls by op and result,
+// in memory, and sends the counts when the supervisor asks (package
+// metrics). Its data connections are served by the transport's direct loop,
+// in C, which counts the commands it runs in the worker's
+// transport.DirectStats before each response goes, without coming back to Go
+// for it.
 //
 // The worker ends on SIGTERM (the supervisor stops the VM), after
 // CMD_SHUTDOWN (QEMU is done with the TPM; the supervisor starts a fresh
