@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -44,6 +45,9 @@ const (
 	// logic the unit tests of state/ cover, so a few kills check the wiring.
 	crashKills     = 80
 	crashFileKills = 20
+	// crashServeKills kill `vtpmd serve`'s supervisor (and so its worker),
+	// whose store commits the worker's records.
+	crashServeKills = 30
 	// Every crashEarlyEvery-th round the daemon is also killed during its
 	// start, 0..crashEarlyMax after exec, before or while it stores the
 	// state of its TPM2_Startup(CLEAR). These kills come on top of
@@ -488,11 +492,11 @@ func (c *crashClient) evict(h tpm2.TPMHandle, obj tpm2.NamedHandle, name *tpm2.T
 // state directory where a killed one left its socket files: it retries
 // until the new daemon listens (it does so only once its state is loaded),
 // and fails the test if the daemon exits instead.
-func dialCrashTPM(t *testing.T, s *socketTPM) net.Conn {
+func dialCrashTPM(t *testing.T, s *daemon, data string) net.Conn {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		c, err := net.Dial("unix", s.data)
+		c, err := net.Dial("unix", data)
 		if err == nil {
 			require.NoError(t, c.SetDeadline(time.Now().Add(20*time.Second)))
 			return c
@@ -525,11 +529,94 @@ func TestCrashSafety(t *testing.T) {
 	if testingPeer() {
 		t.Skip("swtpm 0.7.1 does not fsync its state, so it does not promise what this test checks")
 	}
-	t.Run("dir", func(t *testing.T) { testCrashSafety(t, dirBackend, crashKills) })
-	t.Run("file", func(t *testing.T) { testCrashSafety(t, fileBackend, crashFileKills) })
+	t.Run("dir", func(t *testing.T) { testCrashSafety(t, socketCrashTarget(t, dirBackend), crashKills) })
+	t.Run("file", func(t *testing.T) { testCrashSafety(t, socketCrashTarget(t, fileBackend), crashFileKills) })
+	t.Run("serve", func(t *testing.T) { testCrashSafety(t, serveCrashTarget(t), crashServeKills) })
 }
 
-func testCrashSafety(t *testing.T, b stateBackend, kills int) {
+// crashTarget is how the crash test starts a daemon on the state that the
+// earlier ones left, and kills it.
+type crashTarget struct {
+	// start starts a daemon and returns it with the data socket of its
+	// TPM; the test dials until the TPM answers.
+	start func(t *testing.T) (*daemon, string)
+	// kill SIGKILLs the daemon and returns once nothing of it runs.
+	kill func(t *testing.T, d *daemon)
+}
+
+// socketCrashTarget is `vtpmd socket` on one state (directory or file).
+func socketCrashTarget(t *testing.T, b stateBackend) crashTarget {
+	dir := sockDir(t)
+	return crashTarget{
+		start: func(t *testing.T) (*daemon, string) {
+			s := startSocketTPMOn(t, b, dir, "not-need-init,startup-clear", "")
+			return s.daemon, s.data
+		},
+		kill: killDaemon,
+	}
+}
+
+// serveCrashTarget is `vtpmd serve` with one VM (created with its data
+// socket and started with TPM2_Startup(CLEAR) by the worker); the kill is
+// the supervisor's, which takes its worker with it, and a new supervisor
+// starts the VM again.
+func serveCrashTarget(t *testing.T) crashTarget {
+	dir := sockDir(t)
+	created := false
+	return crashTarget{
+		start: func(t *testing.T) (*daemon, string) {
+			s := startServe(t, dir)
+			if !created {
+				s.ctlOK(t, "create", "--data", "--startup-clear", "crash")
+				s.ctlOK(t, "start", "crash")
+				created = true
+			}
+			return s.daemon, filepath.Join(s.run, "crash.data")
+		},
+		kill: func(t *testing.T, d *daemon) {
+			supervisor := d.cmd.Process.Pid
+			killDaemon(t, d)
+			// The worker dies of the supervisor's death (PR_SET_PDEATHSIG);
+			// until it has, it may still accept on the VM's old socket.
+			require.Eventually(t, func() bool { return len(workersOf(t, supervisor)) == 0 }, 5*time.Second, time.Millisecond,
+				"a worker outlived its supervisor %d", supervisor)
+		},
+	}
+}
+
+// workersOf lists the pids of the live `vtpmd worker` processes started by
+// the supervisor of pid supervisor.
+func workersOf(t *testing.T, supervisor int) []int {
+	t.Helper()
+	procs, err := os.ReadDir("/proc")
+	require.NoError(t, err)
+	want := []byte("\x00--supervisor\x00" + strconv.Itoa(supervisor) + "\x00")
+	var pids []int
+	for _, p := range procs {
+		pid, err := strconv.Atoi(p.Name())
+		if err != nil {
+			continue
+		}
+		cmdline, err := os.ReadFile(filepath.Join("/proc", p.Name(), "cmdline"))
+		if err == nil && bytes.Contains(cmdline, want) && !zombie(pid) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// zombie says that the process has exited and waits to be reaped.
+func zombie(pid int) bool {
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true // gone
+	}
+	// The state follows the command name in parentheses.
+	i := bytes.LastIndexByte(stat, ')')
+	return i < 0 || i+2 >= len(stat) || stat[i+2] == 'Z'
+}
+
+func testCrashSafety(t *testing.T, target crashTarget, kills int) {
 	seed := uint64(time.Now().UnixNano())
 	if s := os.Getenv("VTPMD_CRASH_SEED"); s != "" {
 		var err error
@@ -539,13 +626,11 @@ func testCrashSafety(t *testing.T, b stateBackend, kills int) {
 	t.Logf("VTPMD_CRASH_SEED=%d", seed)
 	rng := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
 	start := time.Now()
-	const flags = "not-need-init,startup-clear"
-	dir := sockDir(t)
 
 	// Set up on a new TPM: the indices, one increment (a new counter has
 	// no value) and one write.
-	s := startSocketTPMOn(t, b, dir, flags, "")
-	conn := dialCrashTPM(t, s)
+	s, data := target.start(t)
+	conn := dialCrashTPM(t, s, data)
 	tpm := connTPM{conn}
 	require.NoError(t, defineCrashIndices(tpm))
 	_, err := tpm2.NVIncrement{AuthHandle: tpm2.TPMRHOwner, NVIndex: nvNamed(crashCounterIndex)}.Execute(tpm)
@@ -574,7 +659,7 @@ func testCrashSafety(t *testing.T, b stateBackend, kills int) {
 		loadStart := time.Now()
 		go func() { done <- client.run() }()
 		time.Sleep(crashMinDelay + time.Duration(rng.Int64N(int64(crashMaxDelay-crashMinDelay))))
-		killDaemon(t, s.daemon)
+		target.kill(t, s)
 		loadErr := <-done
 		loadTime += time.Since(loadStart)
 		conn.Close()
@@ -583,14 +668,14 @@ func testCrashSafety(t *testing.T, b stateBackend, kills int) {
 
 		if kill%crashEarlyEvery == crashEarlyEvery-1 {
 			// Kill a restarting daemon before it serves.
-			e := startSocketTPMOn(t, b, dir, flags, "")
+			e, _ := target.start(t)
 			time.Sleep(time.Duration(rng.Int64N(int64(crashEarlyMax))))
-			killDaemon(t, e.daemon)
+			target.kill(t, e)
 			earlyKills++
 		}
 
-		s = startSocketTPMOn(t, b, dir, flags, "")
-		conn = dialCrashTPM(t, s)
+		s, data = target.start(t)
+		conn = dialCrashTPM(t, s, data)
 		tpm = connTPM{conn}
 		o, err := observeCrashState(tpm)
 		require.NoError(t, err, "round %d: reading the state after restart\n%s", kill, s.stderr.String())

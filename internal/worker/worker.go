@@ -74,7 +74,7 @@ func Run(ctx context.Context, c Config) error {
 	if err != nil {
 		return err
 	}
-	records := newRemote(ch, c.Records, &cmds, direct, &calls)
+	records := newRemote(ch, c.Records, &cmds, direct, &calls, exitSupervisorGone(log))
 	sealed := &vmstate.Sealed{Store: records}
 	switch m := msg.(type) {
 	case workerproto.Key:
@@ -272,10 +272,28 @@ type remote struct {
 	direct  *transport.DirectStats
 	calls   *metrics.GuardianCalls
 	pace    *pacer
+	// gone is called when the records channel fails: the supervisor is
+	// gone, and a request (a TPM command's state, perhaps) will never be
+	// answered.
+	gone func(error)
 }
 
-func newRemote(ch net.Conn, records *os.File, cmds *metrics.Commands, direct *transport.DirectStats, calls *metrics.GuardianCalls) *remote {
-	return &remote{ch: ch, records: records, replies: bufio.NewReaderSize(records, workerproto.MaxFrame+4), closed: make(chan struct{}), cmds: cmds, direct: direct, calls: calls, pace: newPacer()}
+func newRemote(ch net.Conn, records *os.File, cmds *metrics.Commands, direct *transport.DirectStats, calls *metrics.GuardianCalls, gone func(error)) *remote {
+	return &remote{ch: ch, records: records, replies: bufio.NewReaderSize(records, workerproto.MaxFrame+4), closed: make(chan struct{}),
+		cmds: cmds, direct: direct, calls: calls, pace: newPacer(), gone: gone}
+}
+
+// exitSupervisorGone ends the worker at once when its supervisor is gone
+// during a request. The supervisor's death kills the worker anyway
+// (PR_SET_PDEATHSIG), but until then the TPM command whose state was in
+// flight must get no answer: TPM_RC_FAILURE would tell the VM that the
+// command failed, yet the supervisor may have stored its state before it
+// died. A closed connection leaves it undecided, as a crash does.
+func exitSupervisorGone(log *slog.Logger) func(error) {
+	return func(err error) {
+		log.Error("the supervisor is gone; ending without answering", "err", err)
+		os.Exit(1)
+	}
 }
 
 // stats are the worker's counts: Execute's and the direct loop's.
@@ -324,29 +342,38 @@ func (r *remote) send(m workerproto.Message) error {
 	return nil
 }
 
-// call sends req on the records socketpair and reads the answer.
+// call sends req on the records socketpair and reads the answer. If the
+// channel fails, the supervisor is gone: call hands that to r.gone, which
+// ends the worker.
 func (r *remote) call(req workerproto.Message) (workerproto.Message, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if err := workerproto.WriteMessage(r.records, req); err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrSupervisorGone, err)
+		return nil, r.lost(err)
 	}
 	if r.replies.Buffered() == 0 {
 		if err := waitReadable(r.records); err != nil {
-			return nil, fmt.Errorf("%w: %v", ErrSupervisorGone, err)
+			return nil, r.lost(err)
 		}
 	}
 	m, err := workerproto.ReadMessage(r.replies)
 	switch {
 	case errors.Is(err, io.EOF):
-		return nil, fmt.Errorf("%w: the records channel closed", ErrSupervisorGone)
+		return nil, r.lost(errors.New("the records channel closed"))
 	case err != nil:
-		return nil, fmt.Errorf("%w: %v", ErrSupervisorGone, err)
+		return nil, r.lost(err)
 	}
 	if e, ok := m.(workerproto.Error); ok {
 		return nil, fmt.Errorf("supervisor: %s", e.Message)
 	}
 	return m, nil
+}
+
+// lost reports the supervisor gone, with the records channel's error.
+func (r *remote) lost(err error) error {
+	err = fmt.Errorf("%w: %v", ErrSupervisorGone, err)
+	r.gone(err)
+	return err
 }
 
 // waitReadable waits in poll(2) until f has bytes to read (or its end).
