@@ -29,8 +29,9 @@ import (
 //
 // TestCrashSafety drives NV_Increment, NV_Write and EvictControl over one
 // data connection, SIGKILLs the daemon at a random moment, restarts it on
-// the same state (a state dir, then a state file) and compares what the TPM holds with what the
-// client was told. The client tracks, for every operation, what its
+// the same state (`vtpmd socket` on a state dir, then on a state file;
+// `vtpmd serve`'s supervisor, with its worker) and compares what the TPM
+// holds with what the client was told. The client tracks, for every operation, what its
 // acknowledged responses imply, plus the one command that was in flight at
 // the kill (it may or may not have taken effect). Set VTPMD_CRASH_SEED to
 // replay the random choices of a run (the seed is logged).
