@@ -38,5 +38,7 @@
 // The worker ends on SIGTERM (the supervisor stops the VM), after
 // CMD_SHUTDOWN (QEMU is done with the TPM; the supervisor starts a fresh
 // worker on the same sockets), or when the supervisor is gone. On the first
-// two it shuts the TPM down in order and stores its state first.
+// two it shuts the TPM down in order and stores its state first; on the
+// last it ends at once, and a TPM command whose state was on its way to the
+// supervisor gets no answer (the supervisor may or may not have stored it).
 package worker
