@@ -31,10 +31,11 @@ import (
 // data connection, SIGKILLs the daemon at a random moment, restarts it on
 // the same state (`vtpmd socket` on a state dir, then on a state file;
 // `vtpmd serve`'s supervisor, with its worker) and compares what the TPM
-// holds with what the client was told. The client tracks, for every operation, what its
-// acknowledged responses imply, plus the one command that was in flight at
-// the kill (it may or may not have taken effect). Set VTPMD_CRASH_SEED to
-// replay the random choices of a run (the seed is logged).
+// holds with what the client was told. The client tracks, for every
+// operation, what its acknowledged responses imply, plus the one command
+// that was in flight at the kill (it may or may not have taken effect). Set
+// VTPMD_CRASH_SEED to replay the random choices of a run (the seed is
+// logged).
 //
 // A killed process's writes stay in the page cache, so this checks the
 // order of storing and answering and the atomicity of what is stored, not
