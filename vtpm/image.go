@@ -89,7 +89,7 @@ func (img *Image) AppendBinary(b []byte) ([]byte, error) {
 	out = binary.BigEndian.AppendUint16(out, uint16(len(img.Engine)))
 	out = append(out, img.Engine...)
 	out = append(out, img.NV...)
-	return binary.BigEndian.AppendUint32(out, crc32.Checksum(out[start:], castagnoli)), nil
+	return appendImageCheck(out, imageVersion, out[start:]), nil
 }
 
 // ParseImage decodes an image and checks that this build's engine can load
@@ -122,7 +122,7 @@ func ParseImage(b []byte) (*Image, error) {
 		return nil, fmt.Errorf("%w: %d bytes, want %d", ErrBadImage, len(b), want)
 	}
 	body := b[:len(b)-check]
-	if !bytes.Equal(imageCheck(version, body), b[len(body):]) {
+	if !bytes.Equal(appendImageCheck(nil, version, body), b[len(body):]) {
 		return nil, fmt.Errorf("%w: digest mismatch (the image is corrupt)", ErrBadImage)
 	}
 	rest := body[imageHeader:]
@@ -138,11 +138,12 @@ func ParseImage(b []byte) (*Image, error) {
 	return img, nil
 }
 
-// imageCheck is the check value that ends an image of the version.
-func imageCheck(version uint16, body []byte) []byte {
+// appendImageCheck appends to dst the check value that ends an image of the
+// version with this body (body may be dst's own tail).
+func appendImageCheck(dst []byte, version uint16, body []byte) []byte {
 	if version == imageVersion1 {
 		sum := sha256.Sum256(body)
-		return sum[:]
+		return append(dst, sum[:]...)
 	}
-	return binary.BigEndian.AppendUint32(nil, crc32.Checksum(body, castagnoli))
+	return binary.BigEndian.AppendUint32(dst, crc32.Checksum(body, castagnoli))
 }
