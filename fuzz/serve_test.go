@@ -4,8 +4,11 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"net"
+	"os"
 	"reflect"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -68,6 +71,8 @@ func FuzzWorkerMessage(f *testing.F) {
 		workerproto.GetProtector{VMID: "0123"}, workerproto.Protector{Data: []byte(`{"version":1,"vm_id":"0123"}`)},
 		workerproto.PutProtector{VMID: "0123", Data: []byte(`{"version":1,"vm_id":"0123"}`)},
 		workerproto.KeyStatus{}, workerproto.KeyStatus{Err: "guardian unreachable for POST /v1/release"},
+		workerproto.Assign{Name: "vm1", Sockets: []workerproto.Socket{workerproto.SocketCtrl, workerproto.SocketData}},
+		workerproto.Assign{Name: "web-01", Sockets: []workerproto.Socket{workerproto.SocketCtrl, workerproto.SocketVsockCtrl, workerproto.SocketVsockData}, VsockCID: 42, StartupClear: true},
 	} {
 		b, err := workerproto.Marshal(m)
 		if err != nil {
@@ -168,4 +173,98 @@ func FuzzCreateRequest(f *testing.F) {
 		// A decoded name is only a string: the supervisor validates it.
 		_ = serve.ValidName(req.Name)
 	})
+}
+
+// FuzzReadAssign: the worker's first read, workerproto.ReadAssign, of any
+// bytes sent with 0 to 5 descriptors over a socketpair, as the supervisor
+// sends Assign. It never panics; it returns sockets only with an Assign
+// that names as many roles and marshals back to the frame sent; otherwise
+// it fails and keeps none of the descriptors that came.
+func FuzzReadAssign(f *testing.F) {
+	for _, a := range []workerproto.Assign{
+		{Name: "vm1", Sockets: []workerproto.Socket{workerproto.SocketCtrl, workerproto.SocketData}},
+		{Name: "web-01", Sockets: []workerproto.Socket{workerproto.SocketCtrl, workerproto.SocketVsockCtrl, workerproto.SocketVsockData}, VsockCID: 42, StartupClear: true},
+	} {
+		b, err := workerproto.Marshal(a)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b, uint8(len(a.Sockets)))
+		f.Add(b, uint8(len(a.Sockets)+1))
+	}
+	ready, err := workerproto.Marshal(workerproto.Ready{})
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(ready, uint8(1))
+	f.Add([]byte{0, 0, 0}, uint8(0))
+	null, err := os.Open(os.DevNull)
+	if err != nil {
+		f.Fatal(err)
+	}
+	defer null.Close()
+	f.Fuzz(func(t *testing.T, b []byte, nfds uint8) {
+		if len(b) == 0 || len(b) > 4096 {
+			return // sendmsg sends no rights without data; a frame is small
+		}
+		fds := make([]int, nfds%6)
+		for i := range fds {
+			fds[i] = int(null.Fd())
+		}
+		pair, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var conns [2]*net.UnixConn
+		for i, fd := range pair {
+			file := os.NewFile(uintptr(fd), "pair")
+			c, err := net.FileConn(file)
+			file.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			conns[i] = c.(*net.UnixConn)
+			defer c.Close()
+		}
+		var rights []byte
+		if len(fds) > 0 {
+			rights = syscall.UnixRights(fds...)
+		}
+		if _, _, err := conns[0].WriteMsgUnix(b, rights, nil); err != nil {
+			t.Fatal(err)
+		}
+		conns[0].Close()
+		before := openFiles(t)
+		a, files, err := workerproto.ReadAssign(conns[1])
+		if err != nil {
+			if files != nil {
+				t.Fatalf("ReadAssign failed (%v) and returned %d sockets", err, len(files))
+			}
+			if after := openFiles(t); after != before {
+				t.Fatalf("ReadAssign failed (%v) and left %d descriptors open", err, after-before)
+			}
+			return
+		}
+		defer func() {
+			for _, file := range files {
+				file.Close()
+			}
+		}()
+		if len(files) != len(a.Sockets) {
+			t.Fatalf("%d sockets for %d roles", len(files), len(a.Sockets))
+		}
+		out, err := workerproto.Marshal(a)
+		if err != nil || !bytes.HasPrefix(b, out) {
+			t.Fatalf("read %+v from %x, which marshals to %x (%v)", a, head(b), head(out), err)
+		}
+	})
+}
+
+// openFiles counts this process's open descriptors.
+func openFiles(t *testing.T) int {
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(entries)
 }

@@ -117,7 +117,9 @@ func readEngineInfo(d *Device) (EngineInfo, error) {
 func (d *Device) InfoJSON(flags uint64) string { return d.info.JSON(flags) }
 
 // Describe starts the engine briefly to read its description, for callers
-// that have no Device, such as --print-capabilities.
+// that have no Device, such as --print-capabilities. It also leaves the
+// engine warm: the first start in a process pays OpenSSL's set-up, later
+// ones do not.
 func Describe() (*EngineInfo, error) {
 	if !engineTaken.CompareAndSwap(false, true) {
 		return nil, fmt.Errorf("describe TPM: %w", ErrEngineInUse)

@@ -28,7 +28,7 @@ running VM TPM. Options (each overrides the config file, which overrides
 the defaults):
 --config <file>     JSON config file: {"state_dir", "run_dir", "admin_socket",
                     "host_key", "log_level", "worker_user", "metrics_listen",
-                    "socket_group", "guardian_config"}
+                    "socket_group", "guardian_config", "spare_workers"}
 --state-dir <dir>   the state store (default /var/lib/vtpmd/serve for root,
                     $XDG_DATA_HOME/vtpmd/serve otherwise)
 --run-dir <dir>     the sockets (default /run/vtpmd, $XDG_RUNTIME_DIR/vtpmd)
@@ -47,6 +47,9 @@ the defaults):
                     config names (default $VTPMD_GUARDIAN_CONFIG, else
                     /etc/vtpmd/guardian.json if it exists): each worker
                     attests and obtains its VM's key when the TPM starts
+--spare-workers <n> workers kept started ahead of need, with no VM, so that
+                    a VM's start does not wait for a process to start
+                    (default 1; 0 to 64)
 `
 
 const ctlUsage = `Usage: vtpmd ctl [--admin <socket>] [--json] <command> [args]
@@ -80,7 +83,7 @@ func serveDefaults() (serve.Config, error) {
 	if err != nil {
 		return serve.Config{}, err
 	}
-	return serve.Config{StateDir: filepath.Join(stateRoot, "serve"), RunDir: runDir, HostKey: hostKey, LogLevel: "info"}, nil
+	return serve.Config{StateDir: filepath.Join(stateRoot, "serve"), RunDir: runDir, HostKey: hostKey, LogLevel: "info", SpareWorkers: 1}, nil
 }
 
 // runServe is `vtpmd serve`.
@@ -91,11 +94,20 @@ func runServe(args []string, stdout io.Writer) error {
 	}
 	var configFile, logFile string
 	var help bool
+	spares := -1
 	flags := map[string]*string{}
 	specs := []flagSpec{
 		{long: "config", takesValue: true, set: setString(&configFile)},
 		{long: "log-file", takesValue: true, set: setString(&logFile)},
 		{long: "help", short: "h", set: setBool(&help)},
+		{long: "spare-workers", takesValue: true, set: func(s string) error {
+			n, err := strconv.Atoi(s)
+			if err != nil || n < 0 || n > serve.MaxSpareWorkers {
+				return fmt.Errorf("--spare-workers %q: use 0 to %d", s, serve.MaxSpareWorkers)
+			}
+			spares = n
+			return nil
+		}},
 	}
 	for _, name := range []string{"state-dir", "run-dir", "admin", "log-level", "worker-user", "metrics-listen", "socket-group", "guardian-config"} {
 		v := new(string)
@@ -126,6 +138,9 @@ func runServe(args []string, stdout io.Writer) error {
 		if v := *flags[name]; v != "" {
 			*field = v
 		}
+	}
+	if spares >= 0 {
+		cfg.SpareWorkers = spares
 	}
 	// The flag or config file, else the environment or the default file,
 	// as in `vtpmd socket`.
@@ -163,15 +178,9 @@ func runServe(args []string, stdout io.Writer) error {
 // runWorker is `vtpmd worker`, the hidden command the supervisor of
 // `vtpmd serve` starts for each running VM.
 func runWorker(args []string) error {
-	var name, level string
-	var startupClear bool
-	fds := map[string]*int{"supervisor": new(int), "channel-fd": new(int), "records-fd": new(int), "ctrl-fd": new(int), "data-fd": new(int),
-		"vsock-ctrl-fd": new(int), "vsock-data-fd": new(int), "vsock-cid": new(int)}
-	specs := []flagSpec{
-		{long: "vm", takesValue: true, set: setString(&name)},
-		{long: "log-level", takesValue: true, set: setString(&level)},
-		{long: "startup-clear", set: setBool(&startupClear)},
-	}
+	var level string
+	fds := map[string]*int{"supervisor": new(int), "channel-fd": new(int), "records-fd": new(int)}
+	specs := []flagSpec{{long: "log-level", takesValue: true, set: setString(&level)}}
 	for flag, v := range fds {
 		*v = -1
 		specs = append(specs, flagSpec{long: flag, takesValue: true, set: func(s string) error {
@@ -186,7 +195,7 @@ func runWorker(args []string) error {
 	if err := parseArgs("worker", args, specs); err != nil {
 		return err
 	}
-	if name == "" || *fds["supervisor"] < 0 || *fds["channel-fd"] < 0 || *fds["records-fd"] < 0 || *fds["ctrl-fd"] < 0 {
+	if *fds["supervisor"] < 0 || *fds["channel-fd"] < 0 || *fds["records-fd"] < 0 {
 		return errors.New("worker: started by 'vtpmd serve' only")
 	}
 	lvl := slog.LevelInfo
@@ -195,39 +204,22 @@ func runWorker(args []string) error {
 			return fmt.Errorf("worker: log level %q", level)
 		}
 	}
-	// Every line of the worker, its failure too, names the VM.
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl})).With("vm", name, "worker", os.Getpid())
-	fail := func(err error) error {
+	// The worker adds the VM's name to every line once the supervisor has
+	// assigned it one; a spare's lines have only its pid.
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl})).With("worker", os.Getpid())
+	if err := worker.Harden(*fds["supervisor"]); err != nil {
 		log.Error("worker failed", "err", err)
 		return exitCode(1)
 	}
-	if err := worker.Harden(*fds["supervisor"]); err != nil {
-		return fail(err)
-	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	defer stop()
-	c := worker.Config{
+	err := worker.Run(ctx, worker.Config{
 		Channel: os.NewFile(uintptr(*fds["channel-fd"]), "supervisor"),
 		Records: os.NewFile(uintptr(*fds["records-fd"]), "supervisor records"),
-		Ctrl:    os.NewFile(uintptr(*fds["ctrl-fd"]), "ctrl"),
 		Log:     log,
-
-		StartupClear: startupClear,
-	}
-	if fd := *fds["data-fd"]; fd >= 0 {
-		c.Data = os.NewFile(uintptr(fd), "data")
-	}
-	if fd := *fds["vsock-ctrl-fd"]; fd >= 0 {
-		c.VsockCtrl = os.NewFile(uintptr(fd), "vsock ctrl")
-	}
-	if fd := *fds["vsock-data-fd"]; fd >= 0 {
-		c.VsockData = os.NewFile(uintptr(fd), "vsock data")
-	}
-	if cid := *fds["vsock-cid"]; cid > 0 {
-		c.VsockCID = uint32(cid)
-	}
-	if err := worker.Run(ctx, c); err != nil {
-		return fail(err)
+	})
+	if err != nil {
+		return exitCode(1) // Run logged it
 	}
 	return nil
 }

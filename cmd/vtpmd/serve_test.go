@@ -17,6 +17,7 @@ import (
 	"os/user"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -96,6 +97,22 @@ func (s *serveTPM) ctlOK(t *testing.T, args ...string) string {
 	stdout, stderr, err := s.ctl(t, args...)
 	require.NoError(t, err, "vtpmd ctl %s\n%s%s\nsupervisor:\n%s", strings.Join(args, " "), stdout, stderr, s.stderr.String())
 	return stdout
+}
+
+// pid is the supervisor's process id.
+func (s *serveTPM) pid() int { return s.cmd.Process.Pid }
+
+// serves says whether pid is the worker of a VM of the supervisor.
+func (s *serveTPM) serves(t *testing.T, pid int) bool {
+	t.Helper()
+	var list []serve.Status
+	require.NoError(t, json.Unmarshal([]byte(s.ctlOK(t, "--json", "list")), &list))
+	for _, st := range list {
+		if st.PID == pid {
+			return true
+		}
+	}
+	return false
 }
 
 // status reads one VM's status with `ctl status --json`.
@@ -685,13 +702,56 @@ func TestServeWorkerIsolation(t *testing.T) {
 		assert.NotContains(t, text, hex.EncodeToString(secret), what)
 		assert.NotContains(t, strings.ToLower(text), fmt.Sprintf("%x", secret), what)
 	}
-	assert.Contains(t, proc("cmdline"), "worker\x00--vm\x00iso\x00")
+	// The VM came over the channel (the worker was a spare), not in argv.
+	assert.Equal(t, daemonPath+"\x00worker\x00--supervisor\x00"+strconv.Itoa(s.pid())+"\x00--channel-fd\x003\x00--records-fd\x004\x00--log-level\x00info\x00", proc("cmdline"))
 	// The worker logs carry the VM's name.
 	for _, line := range strings.Split(s.stderr.String(), "\n") {
 		if strings.Contains(line, "worker=") {
 			assert.Contains(t, line, "vm=iso", line)
 		}
 	}
+}
+
+// A start takes the spare worker, started ahead with no VM, and another
+// spare replaces it; a spare that died idle is replaced by a new worker at
+// the start that finds it; with --spare-workers 0 every start starts its
+// worker.
+func TestServeSpareWorkers(t *testing.T) {
+	s := startServe(t, "")
+	spares := func() []int {
+		var out []int
+		for _, pid := range workersOf(t, s.pid()) {
+			if !s.serves(t, pid) {
+				out = append(out, pid)
+			}
+		}
+		return out
+	}
+	require.Eventually(t, func() bool { return len(spares()) == 1 }, 10*time.Second, 10*time.Millisecond, "one spare before any VM")
+	spare := spares()[0]
+	s.ctlOK(t, "create", "--data", "vm1", "vm2", "vm3")
+	s.ctlOK(t, "start", "vm1")
+	assert.Equal(t, spare, s.status(t, "vm1").PID, "vm1's worker is the spare")
+	assert.Contains(t, s.stderr.String(), fmt.Sprintf("worker started\" vm=vm1 pid=%d spare=true", spare))
+	c := &vmClient{name: "vm1", ctrl: s.status(t, "vm1").Ctrl, data: s.status(t, "vm1").Data}
+	require.NoError(t, c.run(2, func() bool { return false }))
+	require.Eventually(t, func() bool { return len(spares()) == 1 }, 10*time.Second, 10*time.Millisecond, "a new spare")
+
+	// A spare that died idle: the start notices and starts a worker.
+	require.NoError(t, syscall.Kill(spares()[0], syscall.SIGKILL))
+	s.ctlOK(t, "start", "vm2")
+	st := s.status(t, "vm2")
+	assert.Equal(t, "running", st.State)
+	assert.Zero(t, st.Restarts)
+	assert.Contains(t, s.stderr.String(), "spare worker lost; starting a new one")
+	c = &vmClient{name: "vm2", ctrl: st.Ctrl, data: st.Data}
+	require.NoError(t, c.run(2, func() bool { return false }))
+
+	none := startServe(t, "", "--spare-workers", "0")
+	none.ctlOK(t, "create", "--data", "vm1")
+	none.ctlOK(t, "start", "vm1")
+	assert.Contains(t, none.stderr.String(), "spare=false")
+	assert.Equal(t, []int{none.status(t, "vm1").PID}, workersOf(t, none.pid()), "no spare")
 }
 
 // A supervisor running as root runs its workers as the --worker-user.

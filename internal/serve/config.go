@@ -50,6 +50,10 @@ type Config struct {
 	// guardian to the VM's worker when its TPM starts, never derived from
 	// the host key, and never seen by the supervisor.
 	GuardianConfig string `json:"guardian_config"`
+	// SpareWorkers is how many workers are kept started ahead of need,
+	// with no VM: a VM's start takes one, so that it does not wait for a
+	// process to start. Each idle spare holds a worker's memory.
+	SpareWorkers int `json:"spare_workers"`
 
 	// Executable is the vtpmd binary the workers run ("" is this one).
 	Executable string `json:"-"`
@@ -58,6 +62,9 @@ type Config struct {
 	// WorkerLog is where the workers write their logs (their stderr).
 	WorkerLog *os.File `json:"-"`
 }
+
+// MaxSpareWorkers bounds Config.SpareWorkers.
+const MaxSpareWorkers = 64
 
 // LoadConfig applies the JSON config file at path over c. Unknown keys
 // are errors.

@@ -29,10 +29,16 @@
 // Starting a VM creates its control socket <run dir>/<name>.ctrl (and data
 // socket <name>.data, with a <name>.data.ctrl link to the control socket
 // for the swtpm TCTI), mode 0600 (0660 of socket_group, --socket-group, for
-// a QEMU of another user), in the supervisor, and starts a worker:
-// the same binary as `vtpmd worker`, given the LISTENING sockets as
-// inherited descriptors, so that every worker of the VM, also one started
-// after a crash, serves the same paths and a client can connect again. The
+// a QEMU of another user), in the supervisor, and gives the VM a worker:
+// the same binary as `vtpmd worker`, handed the listening sockets over its
+// channel (workerproto.Assign, SCM_RIGHTS), so that every worker of the
+// VM, also one started after a crash, serves the same paths and a client
+// can connect again. The worker is a spare when one is idle: the
+// supervisor keeps spare_workers (--spare-workers, default 1) workers
+// started ahead with no VM, and starts a replacement in the background
+// whenever one is taken, so that a start does not wait for a process's
+// start and the engine's first (a spare found dead at a start is replaced
+// by a worker started then). A spare serves the one VM it is assigned. The
 // worker serves them itself with a transport.Server (no extra hop). It runs
 // with GOMAXPROCS=1 (a second P while its durable writes come fast),
 // no_new_privs, PR_SET_PDEATHSIG, no core dumps, in its own process group,

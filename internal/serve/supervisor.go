@@ -47,6 +47,7 @@ type Supervisor struct {
 	guardian []byte
 	witness  *vmstate.Witness
 	spawn    *spawner
+	spares   *sparePool
 	exe      string
 	cred     *syscall.Credential
 	// sockMode and sockGID are the VMs' sockets' mode and group.
@@ -111,6 +112,9 @@ func Open(cfg Config) (*Supervisor, error) {
 	if _, err := cfg.Level(); err != nil {
 		return nil, err
 	}
+	if cfg.SpareWorkers < 0 || cfg.SpareWorkers > MaxSpareWorkers {
+		return nil, fmt.Errorf("serve: %d spare workers: use 0 to %d", cfg.SpareWorkers, MaxSpareWorkers)
+	}
 	cred, err := cfg.workerCredential()
 	if err != nil {
 		return nil, fmt.Errorf("serve: %w", err)
@@ -174,6 +178,8 @@ func Open(cfg Config) (*Supervisor, error) {
 		s.keys = &sealing.HostKey{Path: cfg.HostKey}
 	}
 	s.registry = s.newRegistry()
+	s.spares = &sparePool{start: s.startWorker, log: s.log, want: cfg.SpareWorkers}
+	s.spares.fill()
 	return s, nil
 }
 
@@ -202,6 +208,7 @@ func (s *Supervisor) close() error {
 		go func() { defer wg.Done(); r.shutdown() }()
 	}
 	wg.Wait()
+	s.spares.close()
 	return s.store.Close()
 }
 

@@ -186,75 +186,18 @@ func describeExit(exit int, err error) string {
 	return "exit status " + strconv.Itoa(exit)
 }
 
-// runWorker starts one worker, talks to it until it ends, and returns its
-// exit status (negative: the signal that killed it), or an error if it
-// could not start.
+// runWorker runs one worker of the VM (a spare if one is idle), talks to
+// it until it ends, and returns its exit status (negative: the signal
+// that killed it), or an error if it could not start.
 func (r *vmRun) runWorker() (int, error) {
-	// Two socketpairs: the channel (the key, statistics, readiness) and the
-	// records channel (the worker's requests for its state, answered in
-	// order; see worker.remote).
-	conn, theirs, err := socketpair("worker channel")
+	w, err := r.newWorker()
 	if err != nil {
 		return 0, err
 	}
-	defer conn.Close()
-	records, theirRecords, err := socketpair("worker records")
-	if err != nil {
-		theirs.Close()
-		return 0, err
-	}
-	defer records.Close()
-	// The worker's descriptor n is ExtraFiles[n-3]. files are this
-	// start's copies, closed once the worker has them.
-	files := []*os.File{theirs, theirRecords}
-	args := []string{"worker", "--vm", r.vm.Name, "--supervisor", strconv.Itoa(os.Getpid()),
-		"--channel-fd", "3", "--records-fd", "4", "--log-level", r.s.cfg.LogLevel}
-	for _, l := range []struct {
-		flag string
-		l    *net.UnixListener
-	}{{"--ctrl-fd", r.ctrl}, {"--data-fd", r.data}} {
-		if l.l == nil {
-			continue
-		}
-		f, err := l.l.File()
-		if err != nil {
-			closeFiles(files)
-			return 0, fmt.Errorf("pass the socket on: %w", err)
-		}
-		files = append(files, f)
-		args = append(args, l.flag, strconv.Itoa(2+len(files)))
-	}
-	extra := files
-	for _, v := range []struct {
-		flag string
-		f    *os.File
-	}{{"--vsock-ctrl-fd", r.vsockCtrl}, {"--vsock-data-fd", r.vsockData}} {
-		if v.f != nil {
-			extra = append(extra[:len(extra):len(extra)], v.f)
-			args = append(args, v.flag, strconv.Itoa(2+len(extra)))
-		}
-	}
-	if len(extra) > len(files) {
-		args = append(args, "--vsock-cid", strconv.FormatUint(uint64(r.vm.VsockCID), 10))
-	}
-	if r.vm.StartupClear {
-		args = append(args, "--startup-clear")
-	}
-	cmd := exec.Command(r.s.exe, args...)
-	// One P; the worker takes a second while its durable writes come fast
-	// (see internal/worker's pacer).
-	cmd.Env = []string{"GOMAXPROCS=1"}
-	cmd.Stderr = r.s.cfg.WorkerLog
-	cmd.ExtraFiles = extra
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true, Credential: r.s.cred}
-	err = r.s.spawn.start(cmd)
-	closeFiles(files)
-	if err != nil {
-		return 0, fmt.Errorf("start worker: %w", err)
-	}
+	cmd := w.cmd
 	pid := cmd.Process.Pid
 	r.setPhase("starting", pid)
-	r.log.Info("worker started", "pid", pid)
+	r.log.Info("worker started", "pid", pid, "spare", w.spare)
 
 	exited := make(chan struct{})
 	go func() {
@@ -272,10 +215,11 @@ func (r *vmRun) runWorker() (int, error) {
 			_ = cmd.Process.Kill()
 		}
 	}()
-	if err := r.converse(conn, records, pid); err != nil {
+	if err := r.converse(w.conn, w.records, pid); err != nil {
 		r.log.Error("worker broke the protocol; killing it", "pid", pid, "err", err)
 		_ = cmd.Process.Kill()
 	}
+	w.close()
 	err = cmd.Wait()
 	close(exited)
 	var exitErr *exec.ExitError
@@ -286,6 +230,205 @@ func (r *vmRun) runWorker() (int, error) {
 		return exitErr.ExitCode(), nil
 	}
 	return 0, err
+}
+
+// newWorker returns a worker assigned to the VM: a spare if one is idle,
+// else one started now.
+func (r *vmRun) newWorker() (*startedWorker, error) {
+	if w := r.s.spares.take(); w != nil {
+		err := r.assign(w)
+		if err == nil {
+			return w, nil
+		}
+		r.log.Warn("spare worker lost; starting a new one", "pid", w.cmd.Process.Pid, "err", err)
+		w.discard()
+	}
+	w, err := r.s.startWorker()
+	if err != nil {
+		return nil, err
+	}
+	if err := r.assign(w); err != nil {
+		w.discard()
+		return nil, err
+	}
+	return w, nil
+}
+
+// assign makes w the VM's worker: it sends the VM's name, how its TPM
+// starts, and its listening sockets, which every worker of the VM serves,
+// so that the socket paths never change.
+func (r *vmRun) assign(w *startedWorker) error {
+	a := workerproto.Assign{Name: r.vm.Name, VsockCID: r.vm.VsockCID, StartupClear: r.vm.StartupClear}
+	var files, dups []*os.File
+	defer func() { closeFiles(dups) }()
+	for _, l := range []struct {
+		role workerproto.Socket
+		l    *net.UnixListener
+	}{{workerproto.SocketCtrl, r.ctrl}, {workerproto.SocketData, r.data}} {
+		if l.l == nil {
+			continue
+		}
+		f, err := l.l.File()
+		if err != nil {
+			return fmt.Errorf("pass the socket on: %w", err)
+		}
+		dups = append(dups, f)
+		files = append(files, f)
+		a.Sockets = append(a.Sockets, l.role)
+	}
+	for _, v := range []struct {
+		role workerproto.Socket
+		f    *os.File
+	}{{workerproto.SocketVsockCtrl, r.vsockCtrl}, {workerproto.SocketVsockData, r.vsockData}} {
+		if v.f != nil {
+			files = append(files, v.f)
+			a.Sockets = append(a.Sockets, v.role)
+		}
+	}
+	return workerproto.WriteAssign(w.conn, a, files)
+}
+
+// startedWorker is a worker process and the supervisor's ends of its two
+// socketpairs.
+type startedWorker struct {
+	cmd     *exec.Cmd
+	conn    *net.UnixConn // the channel
+	records net.Conn
+	spare   bool // started ahead of need
+}
+
+// startWorker starts a worker process. It has no VM until assigned one.
+func (s *Supervisor) startWorker() (*startedWorker, error) {
+	// Two socketpairs: the channel (the assignment, the key, statistics,
+	// readiness) and the records channel (the worker's requests for its
+	// state, answered in order; see worker.remote).
+	conn, theirs, err := socketpair("worker channel")
+	if err != nil {
+		return nil, err
+	}
+	records, theirRecords, err := socketpair("worker records")
+	if err != nil {
+		conn.Close()
+		theirs.Close()
+		return nil, err
+	}
+	// The worker's descriptor n is ExtraFiles[n-3].
+	cmd := exec.Command(s.exe, "worker", "--supervisor", strconv.Itoa(os.Getpid()),
+		"--channel-fd", "3", "--records-fd", "4", "--log-level", s.cfg.LogLevel)
+	// One P; the worker takes a second while its durable writes come fast
+	// (see internal/worker's pacer).
+	cmd.Env = []string{"GOMAXPROCS=1"}
+	cmd.Stderr = s.cfg.WorkerLog
+	cmd.ExtraFiles = []*os.File{theirs, theirRecords}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true, Credential: s.cred}
+	err = s.spawn.start(cmd)
+	theirs.Close()
+	theirRecords.Close()
+	if err != nil {
+		conn.Close()
+		records.Close()
+		return nil, fmt.Errorf("start worker: %w", err)
+	}
+	return &startedWorker{cmd: cmd, conn: conn.(*net.UnixConn), records: records}, nil
+}
+
+// close closes the supervisor's ends of the socketpairs.
+func (w *startedWorker) close() {
+	w.conn.Close()
+	w.records.Close()
+}
+
+// discard lets a worker that serves no VM go: its channel closes, on which
+// it ends (killed if it has not within stopTimeout), and is waited for.
+func (w *startedWorker) discard() {
+	w.close()
+	exited := make(chan struct{})
+	go func() {
+		select {
+		case <-exited:
+		case <-time.After(stopTimeout):
+			_ = w.cmd.Process.Kill()
+		}
+	}()
+	_ = w.cmd.Wait()
+	close(exited)
+}
+
+// sparePool keeps workers started ahead of need, so that a VM's start (or
+// its worker's restart) finds a process past its own start and the
+// engine's first (2 of a fresh worker's 10 ms or so; see
+// bench/RESULTS.md). A spare holds nothing of any VM until assigned, and
+// serves that VM only.
+type sparePool struct {
+	start func() (*startedWorker, error)
+	log   *slog.Logger
+	want  int
+
+	mu       sync.Mutex
+	idle     []*startedWorker
+	starting int
+	closed   bool
+	wg       sync.WaitGroup // the starts under way
+}
+
+// take returns an idle spare, or nil, and starts the spares that are
+// missing.
+func (p *sparePool) take() *startedWorker {
+	p.mu.Lock()
+	var w *startedWorker
+	if len(p.idle) > 0 {
+		w = p.idle[0]
+		p.idle = p.idle[1:]
+	}
+	p.mu.Unlock()
+	p.fill()
+	return w
+}
+
+// fill starts the spares that are missing, in the background.
+func (p *sparePool) fill() {
+	p.mu.Lock()
+	n := 0
+	if !p.closed {
+		n = p.want - len(p.idle) - p.starting
+	}
+	p.starting += n
+	p.wg.Add(n)
+	p.mu.Unlock()
+	for range n {
+		go func() {
+			defer p.wg.Done()
+			w, err := p.start()
+			if err != nil {
+				p.log.Warn("spare worker not started", "err", err)
+			} else {
+				w.spare = true
+			}
+			p.mu.Lock()
+			p.starting--
+			keep := err == nil && !p.closed
+			if keep {
+				p.idle = append(p.idle, w)
+			}
+			p.mu.Unlock()
+			if err == nil && !keep {
+				w.discard()
+			}
+		}()
+	}
+}
+
+// close lets every spare go and starts no more.
+func (p *sparePool) close() {
+	p.mu.Lock()
+	p.closed = true
+	idle := p.idle
+	p.idle = nil
+	p.mu.Unlock()
+	p.wg.Wait()
+	for _, w := range idle {
+		w.discard()
+	}
 }
 
 // socketpair makes a connected pair of unix stream sockets: ours, in Go's

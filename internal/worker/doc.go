@@ -7,11 +7,19 @@
 // fast, see pacer), from a thread that has no_new_privs set (so the worker
 // has it from its first instruction), with PR_SET_PDEATHSIG (SIGKILL) so
 // that it dies with the supervisor, in a process group of its own, and with
-// only these descriptors: /dev/null, the log, the two socketpairs to the
-// supervisor (the channel and the records channel), and the VM's listening
-// control socket (and data socket, if the VM has one). Harden then makes the
-// process undumpable and without core dumps, since it holds the VM's key,
-// and checks that the supervisor is still its parent.
+// only these descriptors: /dev/null, the log, and the two socketpairs to
+// the supervisor (the channel and the records channel). Harden then makes
+// the process undumpable and without core dumps, since it will hold a VM's
+// key, and checks that the supervisor is still its parent.
+//
+// A worker starts as a spare, with no VM: the supervisor keeps one or more
+// started ahead of need (--spare-workers), so that a VM's start finds the
+// process past Go's start and the engine's first (OpenSSL's set-up, which
+// the spare pays by starting the engine once, vtpm.Describe). Its first
+// message, workerproto.Assign, names the VM and brings its listening
+// control socket (and data and vsock sockets, if the VM has them) as
+// SCM_RIGHTS; from then on the worker serves that VM only, and its log
+// lines name it.
 //
 // The worker reads its VM's state key from the channel (it never appears in
 // argv, the environment or the logs), or, on a host with a guardian, the
@@ -26,7 +34,7 @@
 // records) and acknowledges it. Only then does Save return, so no TPM
 // response leaves before its state is stored. Loading asks the supervisor
 // for the VM's record the same way. With StartupClear the worker powers the
-// TPM on and starts it before it serves. Inherited vsock sockets are served
+// TPM on and starts it before it serves. Assigned vsock sockets are served
 // too, to the VM's guest CID only. The worker counts its TPM commands by
 // command code with their latency, and its guardian calls by op and result,
 // in memory, and sends the counts when the supervisor asks (package

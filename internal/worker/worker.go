@@ -25,10 +25,12 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Config is what a worker is started with.
+// Config is what a worker is started with: the two socketpairs to the
+// supervisor. Its VM comes later, with workerproto.Assign.
 type Config struct {
-	// Channel is the socketpair on which the supervisor sends the key and
-	// asks for statistics, and the worker says it is ready.
+	// Channel is the socketpair on which the supervisor assigns the VM,
+	// sends the key and asks for statistics, and the worker says it is
+	// ready.
 	Channel *os.File
 	// Records is the socketpair on which the worker asks the supervisor
 	// for its VM's record and key protector and sends new ones, one request
@@ -36,34 +38,102 @@ type Config struct {
 	// for the answer in poll(2) and read(2), off Go's netpoller (see
 	// remote).
 	Records *os.File
-	// Ctrl is the VM's listening control socket.
-	Ctrl *os.File
-	// Data is the VM's listening data socket, or nil.
-	Data *os.File
-	// VsockCtrl and VsockData are the VM's listening vsock sockets of the
-	// control and data channels, or nil; only VsockCID is let in on them.
-	VsockCtrl, VsockData *os.File
-	VsockCID             uint32
-	// Log receives the worker's logs; it carries the VM's name.
+	// Log receives the worker's logs; Run adds the VM's name once it has
+	// one.
 	Log *slog.Logger
-	// StartupClear powers the TPM on and sends TPM2_Startup(CLEAR) before
-	// serving (swtpm's --flags not-need-init,startup-clear).
-	StartupClear bool
+}
+
+// assignment is the VM a worker serves: its listening sockets and how it
+// starts.
+type assignment struct {
+	// ctrl is the VM's listening control socket; data, its data socket
+	// or nil.
+	ctrl, data *os.File
+	// vsockCtrl and vsockData are the VM's listening vsock sockets of the
+	// control and data channels, or nil; only vsockCID is let in on them.
+	vsockCtrl, vsockData *os.File
+	vsockCID             uint32
+	// startupClear powers the TPM on and sends TPM2_Startup(CLEAR) before
+	// serving.
+	startupClear bool
+	log          *slog.Logger
+}
+
+// newAssignment takes the sockets that came with a, in its order.
+func newAssignment(a workerproto.Assign, files []*os.File, log *slog.Logger) *assignment {
+	as := &assignment{vsockCID: a.VsockCID, startupClear: a.StartupClear, log: log}
+	for i, role := range a.Sockets {
+		switch role {
+		case workerproto.SocketCtrl:
+			as.ctrl = files[i]
+		case workerproto.SocketData:
+			as.data = files[i]
+		case workerproto.SocketVsockCtrl:
+			as.vsockCtrl = files[i]
+		case workerproto.SocketVsockData:
+			as.vsockData = files[i]
+		}
+	}
+	return as
 }
 
 // ErrSupervisorGone means the socketpair to the supervisor closed.
 var ErrSupervisorGone = errors.New("the supervisor is gone")
 
-// Run serves the VM until ctx ends, CMD_SHUTDOWN, or the supervisor goes.
+// Run waits for its VM, as a spare, then serves it until ctx ends,
+// CMD_SHUTDOWN, or the supervisor goes. It logs its own failure, with the
+// VM's name once it has one. A spare that the supervisor lets go (the
+// channel closes before Assign) ends with no error.
 func Run(ctx context.Context, c Config) error {
 	log := c.Log
-	ch, err := net.FileConn(c.Channel)
+	err := run(ctx, c, &log)
+	if err != nil {
+		log.Error("worker failed", "err", err)
+	}
+	return err
+}
+
+func run(ctx context.Context, c Config, log **slog.Logger) error {
+	defer c.Records.Close()
+	conn, err := net.FileConn(c.Channel)
 	c.Channel.Close()
 	if err != nil {
 		return fmt.Errorf("the channel to the supervisor: %w", err)
 	}
-	defer ch.Close()
-	defer c.Records.Close()
+	defer conn.Close()
+	ch, ok := conn.(*net.UnixConn)
+	if !ok {
+		return fmt.Errorf("the channel to the supervisor is a %T, not a unix socket", conn)
+	}
+	// The engine's first start in a process costs milliseconds (OpenSSL's
+	// configuration and algorithm tables); later ones, tens of
+	// microseconds. A spare pays it before its VM comes.
+	if _, err := vtpm.Describe(); err != nil {
+		return err
+	}
+	a, files, err := workerproto.ReadAssign(ch)
+	switch {
+	case errors.Is(err, io.EOF):
+		return nil
+	case err != nil:
+		return err
+	}
+	*log = (*log).With("vm", a.Name)
+	return newAssignment(a, files, *log).serve(ctx, ch, c.Records)
+}
+
+// serve serves the assigned VM.
+func (as *assignment) serve(ctx context.Context, ch *net.UnixConn, recordsFile *os.File) error {
+	log := as.log
+	listeners, err := as.listeners()
+	if err != nil {
+		return err
+	}
+	defer func() {
+		for _, l := range listeners {
+			l.Close()
+		}
+	}()
 	msg, err := workerproto.ReadMessage(ch)
 	if err != nil {
 		return fmt.Errorf("read the VM's key: %w", err)
@@ -74,7 +144,7 @@ func Run(ctx context.Context, c Config) error {
 	if err != nil {
 		return err
 	}
-	records := newRemote(ch, c.Records, &cmds, direct, &calls, exitSupervisorGone(log))
+	records := newRemote(ch, recordsFile, &cmds, direct, &calls, exitSupervisorGone(log))
 	sealed := &vmstate.Sealed{Store: records}
 	switch m := msg.(type) {
 	case workerproto.Key:
@@ -95,7 +165,7 @@ func Run(ctx context.Context, c Config) error {
 	if err != nil {
 		return err
 	}
-	if c.StartupClear {
+	if as.startupClear {
 		err := dev.Init(false)
 		if err == nil {
 			err = dev.Startup(vtpm.StartupClear)
@@ -105,12 +175,7 @@ func Run(ctx context.Context, c Config) error {
 			return fmt.Errorf("power on and start the TPM: %w", err)
 		}
 	}
-	srv := &transport.Server{TPM: metered{Device: dev, cmds: &cmds}, DirectStats: direct, Log: log, DataChannel: c.Data != nil || c.VsockData != nil}
-	listeners, err := c.listeners()
-	if err != nil {
-		dev.Close()
-		return err
-	}
+	srv := &transport.Server{TPM: metered{Device: dev, cmds: &cmds}, DirectStats: direct, Log: log, DataChannel: as.data != nil || as.vsockData != nil}
 	// Ready goes out before any client is served: afterwards only the
 	// TPM's Store writes to the channel.
 	if err := records.send(workerproto.Ready{}); err != nil {
@@ -162,15 +227,15 @@ func Run(ctx context.Context, c Config) error {
 	return runErr
 }
 
-// listener is one of the VM's inherited listening sockets.
+// listener is one of the VM's listening sockets.
 type listener struct {
 	net.Listener
 	name string // ctrl, data, vsock_ctrl, vsock_data: its log attribute
 	data bool   // serves the data channel
 }
 
-// listeners takes over the inherited listening sockets, closing the files.
-func (c *Config) listeners() ([]listener, error) {
+// listeners takes over the assigned listening sockets, closing the files.
+func (as *assignment) listeners() ([]listener, error) {
 	var out []listener
 	fail := func(err error) ([]listener, error) {
 		for _, l := range out {
@@ -178,11 +243,12 @@ func (c *Config) listeners() ([]listener, error) {
 		}
 		return nil, err
 	}
-	for _, f := range []struct {
+	sockets := []struct {
 		f    *os.File
 		name string
 		data bool
-	}{{c.Ctrl, "ctrl", false}, {c.Data, "data", true}, {c.VsockCtrl, "vsock_ctrl", false}, {c.VsockData, "vsock_data", true}} {
+	}{{as.ctrl, "ctrl", false}, {as.data, "data", true}, {as.vsockCtrl, "vsock_ctrl", false}, {as.vsockData, "vsock_data", true}}
+	for i, f := range sockets {
 		if f.f == nil {
 			continue
 		}
@@ -191,11 +257,16 @@ func (c *Config) listeners() ([]listener, error) {
 		if f.name == "ctrl" || f.name == "data" {
 			l, err = net.FileListener(f.f)
 		} else {
-			l, err = vsockListener(f.f, c.VsockCID, c.Log.With("listener", f.name))
+			l, err = vsockListener(f.f, as.vsockCID, as.log.With("listener", f.name))
 		}
 		f.f.Close()
 		if err != nil {
-			return fail(fmt.Errorf("listen on the inherited %s socket: %w", f.name, err))
+			for _, rest := range sockets[i+1:] {
+				if rest.f != nil {
+					rest.f.Close()
+				}
+			}
+			return fail(fmt.Errorf("listen on the assigned %s socket: %w", f.name, err))
 		}
 		out = append(out, listener{Listener: l, name: f.name, data: f.data})
 	}

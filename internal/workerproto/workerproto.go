@@ -6,8 +6,13 @@
 // and the message's fields (strings and byte strings with a 2- or 4-byte
 // length before them, integers big-endian).
 //
-// On the channel, the supervisor sends Key first, or, for a host with a
-// guardian, Guardian: the worker obtains the key from the guardian itself
+// A worker starts as a spare, with no VM: the supervisor starts it ahead
+// of need, so that a VM's start finds its process running and its engine
+// warm. The first message on the channel, Assign, makes it a VM's worker
+// for good: the VM's listening sockets come with its frame as SCM_RIGHTS
+// (WriteAssign, ReadAssign).
+//
+// Then the supervisor sends Key, or, for a host with a guardian, Guardian: the worker obtains the key from the guardian itself
 // when its TPM starts, so that the key is never in the supervisor. The
 // worker says Ready once it serves its sockets, and a guardian worker tells
 // how each attempt to obtain the key went (KeyStatus). The supervisor may
@@ -30,6 +35,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"os"
+	"runtime"
+	"syscall"
 
 	"github.com/vtpmd/vtpmd/internal/wire"
 	"github.com/vtpmd/vtpmd/state"
@@ -56,6 +65,7 @@ const (
 	TypeProtector    Type = 13 // supervisor → worker: the key protector
 	TypePutProtector Type = 14 // worker → supervisor: store this new key protector
 	TypeKeyStatus    Type = 15 // worker → supervisor: how obtaining the key went
+	TypeAssign       Type = 16 // supervisor → worker: serve this VM (with its sockets)
 )
 
 // MaxFrame bounds a frame: a sealed 16 KiB NV image and its record fit
@@ -112,6 +122,31 @@ type PutProtector struct {
 // KeyStatus says how the worker's last attempt to obtain its VM's key
 // went: Err is "" when the guardian released it.
 type KeyStatus struct{ Err string }
+
+// Socket is the role of a listening socket that comes with Assign.
+type Socket uint8
+
+// Socket roles.
+const (
+	SocketCtrl      Socket = 1 // the control channel's unix socket
+	SocketData      Socket = 2 // the data channel's unix socket
+	SocketVsockCtrl Socket = 3 // the control channel's vsock socket
+	SocketVsockData Socket = 4 // the data channel's vsock socket
+)
+
+// Assign makes a spare worker the worker of a VM.
+type Assign struct {
+	// Name is the VM's name, for the worker's logs.
+	Name string
+	// Sockets are the roles of the listening sockets that come with the
+	// frame, in the order of its descriptors; each role at most once.
+	Sockets []Socket
+	// VsockCID is the one guest let in on the vsock sockets.
+	VsockCID uint32
+	// StartupClear powers the TPM on and sends TPM2_Startup(CLEAR) before
+	// serving (swtpm's --flags not-need-init,startup-clear).
+	StartupClear bool
+}
 
 // Ready says the worker serves its sockets.
 type Ready struct{}
@@ -183,6 +218,7 @@ func (GetProtector) Type() Type { return TypeGetProtector }
 func (Protector) Type() Type    { return TypeProtector }
 func (PutProtector) Type() Type { return TypePutProtector }
 func (KeyStatus) Type() Type    { return TypeKeyStatus }
+func (Assign) Type() Type       { return TypeAssign }
 
 // String never shows the secret.
 func (k Key) String() string { return fmt.Sprintf("key %s for VM %s", k.KeyID, k.VMID) }
@@ -202,6 +238,41 @@ func (k Key) appendFields(b []byte) ([]byte, error) {
 		return nil, err
 	}
 	return append(b, k.Secret...), nil
+}
+
+func (a Assign) appendFields(b []byte) ([]byte, error) {
+	if err := checkSockets(a.Sockets); err != nil {
+		return nil, err
+	}
+	b, err := appendString(b, a.Name)
+	if err != nil {
+		return nil, err
+	}
+	flags := byte(0)
+	if a.StartupClear {
+		flags = 1
+	}
+	b = binary.BigEndian.AppendUint32(append(b, flags), a.VsockCID)
+	b = append(b, byte(len(a.Sockets)))
+	for _, s := range a.Sockets {
+		b = append(b, byte(s))
+	}
+	return b, nil
+}
+
+// checkSockets: known roles, each at most once.
+func checkSockets(sockets []Socket) error {
+	var seen [SocketVsockData + 1]bool
+	for _, s := range sockets {
+		if s < SocketCtrl || s > SocketVsockData {
+			return fmt.Errorf("assign: unknown socket role %d", s)
+		}
+		if seen[s] {
+			return fmt.Errorf("assign: socket role %d twice", s)
+		}
+		seen[s] = true
+	}
+	return nil
 }
 
 func (g Guardian) appendFields(b []byte) ([]byte, error) {
@@ -384,6 +455,8 @@ func DecodeMessage(b []byte) (Message, error) {
 		m = PutProtector{VMID: d.Str(), Data: append([]byte{}, d.Rest()...)}
 	case TypeKeyStatus:
 		m = KeyStatus{Err: d.Str()}
+	case TypeAssign:
+		m = d.assign()
 	default:
 		return nil, fmt.Errorf("%w: unknown type %d", ErrMalformed, t)
 	}
@@ -403,6 +476,29 @@ func DecodeMessage(b []byte) (Message, error) {
 type decoder struct {
 	*wire.Fields
 	bad string
+}
+
+// assign decodes Assign.
+func (d *decoder) assign() Assign {
+	a := Assign{Name: d.Str()}
+	flags := d.Take(1)
+	a.VsockCID = d.U32()
+	n := d.Take(1)
+	if d.Short() {
+		return Assign{}
+	}
+	if flags[0] > 1 {
+		d.bad = fmt.Sprintf("unknown flags %#x", flags[0])
+		return Assign{}
+	}
+	a.StartupClear = flags[0] == 1
+	for _, r := range d.Take(int(n[0])) {
+		a.Sockets = append(a.Sockets, Socket(r))
+	}
+	if err := checkSockets(a.Sockets); err != nil {
+		d.bad = err.Error()
+	}
+	return a
 }
 
 // stats decodes Stats. The counts are taken as sent: they only feed the
@@ -442,4 +538,103 @@ func (d *decoder) stats() Stats {
 	}
 	s.Direct = d.U64()
 	return s
+}
+
+// WriteAssign sends a on conn in one sendmsg(2), with files, the listening
+// sockets of a.Sockets in that order, as SCM_RIGHTS.
+func WriteAssign(conn *net.UnixConn, a Assign, files []*os.File) error {
+	if len(files) != len(a.Sockets) {
+		return fmt.Errorf("assign VM %q: %d sockets for %d roles", a.Name, len(files), len(a.Sockets))
+	}
+	frame, err := Marshal(a)
+	if err != nil {
+		return err
+	}
+	fds := make([]int, len(files))
+	for i, f := range files {
+		fds[i] = int(f.Fd())
+	}
+	n, _, err := conn.WriteMsgUnix(frame, syscall.UnixRights(fds...), nil)
+	runtime.KeepAlive(files)
+	switch {
+	case err != nil:
+		return fmt.Errorf("assign VM %q: %w", a.Name, err)
+	case n != len(frame):
+		return fmt.Errorf("assign VM %q: sent %d of %d bytes", a.Name, n, len(frame))
+	}
+	return nil
+}
+
+// ReadAssign reads the Assign that WriteAssign sent and the sockets that
+// came with it, in the order of its Sockets. Anything else (another
+// message, a frame with no or other descriptors) is an error, and closes
+// whatever descriptors came.
+func ReadAssign(conn *net.UnixConn) (Assign, []*os.File, error) {
+	var hdr [4]byte
+	oob := make([]byte, syscall.CmsgSpace(4*int(SocketVsockData)))
+	// The descriptors come with the frame's first byte.
+	n, oobn, flags, _, err := conn.ReadMsgUnix(hdr[:], oob)
+	if err != nil {
+		return Assign{}, nil, fmt.Errorf("read the VM's assignment: %w", err)
+	}
+	files, err := parseRights(oob[:oobn])
+	fail := func(err error) (Assign, []*os.File, error) {
+		for _, f := range files {
+			f.Close()
+		}
+		return Assign{}, nil, fmt.Errorf("read the VM's assignment: %w", err)
+	}
+	switch {
+	case err != nil:
+		return fail(err)
+	case flags&syscall.MSG_CTRUNC != 0:
+		return fail(fmt.Errorf("%w: more descriptors than sockets", ErrMalformed))
+	case n == 0:
+		return fail(io.EOF)
+	}
+	if _, err := io.ReadFull(conn, hdr[n:]); err != nil {
+		return fail(err)
+	}
+	size := binary.BigEndian.Uint32(hdr[:])
+	if size == 0 || size > MaxFrame {
+		return fail(fmt.Errorf("%w: frame of %d bytes (limit %d)", ErrMalformed, size, MaxFrame))
+	}
+	body := make([]byte, size)
+	if _, err := io.ReadFull(conn, body); err != nil {
+		return fail(err)
+	}
+	m, err := DecodeMessage(body)
+	if err != nil {
+		return fail(err)
+	}
+	a, ok := m.(Assign)
+	switch {
+	case !ok:
+		return fail(fmt.Errorf("%w: a message of type %d before the assignment", ErrMalformed, m.Type()))
+	case len(files) != len(a.Sockets):
+		return fail(fmt.Errorf("%w: %d sockets came for %d roles", ErrMalformed, len(files), len(a.Sockets)))
+	}
+	return a, files, nil
+}
+
+// parseRights returns the descriptors of SCM_RIGHTS control messages.
+func parseRights(oob []byte) ([]*os.File, error) {
+	msgs, err := syscall.ParseSocketControlMessage(oob)
+	if err != nil {
+		return nil, fmt.Errorf("control message: %w", err)
+	}
+	var files []*os.File
+	for _, m := range msgs {
+		fds, err := syscall.ParseUnixRights(&m)
+		if err != nil {
+			for _, f := range files {
+				f.Close()
+			}
+			return nil, fmt.Errorf("control message: %w", err)
+		}
+		for _, fd := range fds {
+			files = append(files, os.NewFile(uintptr(fd), "assigned socket"))
+		}
+	}
+	return files, nil
 }
