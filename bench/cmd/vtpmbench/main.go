@@ -9,7 +9,8 @@
 //
 // With -serve it also measures `vtpmd serve`, one supervisor for every VM:
 // its memory per idle VM (the workers' PSS, and the supervisor's share
-// apart) and the time from `vtpmd ctl start` to the first answer, beside
+// apart) and the time from the admin API's start request to the first
+// answer, beside
 // swtpm's.
 // It also measures the provisioning of a new VM's TPM with libvirt's
 // swtpm_setup options, `vtpmd setup` against swtpm_setup (-setup-runs),
@@ -70,7 +71,7 @@ func run() error {
 		vtpmd     = flag.String("vtpmd", "bin/vtpmd", "the vtpmd binary to measure (`make build` makes bin/vtpmd); \"none\" to start none (with -connect)")
 		connect   = flag.String("connect", "", "comma-separated unix data sockets of TPMs already running (any swtpm-protocol endpoint, started and with an empty owner authorization), one per VM and each free (a data socket serves one client at a time), measured as daemon -connect-name: their CPU, memory and start-up are not measured, and the operations' keys and NV indices are made in them")
 		connName  = flag.String("connect-name", "existing", "the name the -connect TPMs have in the report")
-		serve     = flag.Bool("serve", false, "also measure vtpmd serve (daemon \"vtpmd-serve\"): every VM a worker of one supervisor with one shared store, created and started with vtpmd ctl")
+		serve     = flag.Bool("serve", false, "also measure vtpmd serve (daemon \"vtpmd-serve\"): every VM a worker of one supervisor with one shared store, created and started through its admin API")
 		vtpmdEnv  = flag.String("vtpmd-env", "", "comma-separated `VAR=value` settings added to vtpmd's environment, e.g. GOMAXPROCS=1")
 		swtpm     = flag.String("swtpm", "", "the swtpm binary to compare with; default: swtpm on $PATH if installed; \"none\" to skip")
 		vms       = flag.String("vms", "1,4,16,64,256", "comma-separated numbers of VMs to run at once")

@@ -31,7 +31,7 @@ type Daemon struct {
 	// Env is added to its environment, e.g. GOMAXPROCS=1.
 	Env []string
 	// Serve runs every VM under one `vtpmd serve` supervisor, created and
-	// started with `vtpmd ctl`, instead of one `Path socket` per VM.
+	// started through its admin API, instead of one `Path socket` per VM.
 	Serve bool
 	// Endpoints, when set, are the unix data sockets of TPMs already
 	// running, one per VM (as many as the most VMs measured): they are
@@ -355,19 +355,20 @@ func (r *run) memory(daemon string, n int) error {
 	}
 	slices.Sort(rss)
 	slices.Sort(pss)
-	r.rep.Memory = append(r.rep.Memory, report.Memory{Daemon: daemon, VMs: n, RSSKiB: rss[n/2], PSSKiB: pss[n/2]})
+	r.rep.Memory = append(r.rep.Memory, report.Memory{Daemon: daemon, VMs: n, RSSKiB: rss[len(rss)/2], PSSKiB: pss[n/2]})
 	return nil
 }
 
 // serveMemory measures the n idle VMs of a vtpmd serve: the median
 // worker's RSS, the workers' PSS summed and divided by the VMs, and the
-// supervisor's PSS divided by the VMs.
+// supervisor's PSS divided by the VMs. The workers include the supervisor's
+// spare ones (started ahead, with no VM): they are part of serve's cost.
 func (r *run) serveMemory(k fleet.Kind, n int) error {
 	sup, workers, err := k.Serve.Memory()
 	if err != nil {
 		return err
 	}
-	if len(workers) != n {
+	if len(workers) < n {
 		return fmt.Errorf("%s: %d workers for %d VMs", k.Name, len(workers), n)
 	}
 	var rss []int64
@@ -377,7 +378,7 @@ func (r *run) serveMemory(k fleet.Kind, n int) error {
 		pss += m.PSS
 	}
 	slices.Sort(rss)
-	r.rep.Memory = append(r.rep.Memory, report.Memory{Daemon: k.Name, VMs: n, RSSKiB: rss[n/2], PSSKiB: pss / int64(n),
+	r.rep.Memory = append(r.rep.Memory, report.Memory{Daemon: k.Name, VMs: n, RSSKiB: rss[len(rss)/2], PSSKiB: pss / int64(n),
 		SupervisorPSSKiB: sup.PSS / int64(n)})
 	return nil
 }

@@ -292,7 +292,10 @@ func (in *Instance) Stop(timeout time.Duration) error {
 	in.closeConns()
 	switch {
 	case in.sup != nil:
-		return in.sup.ctl(timeout, "stop", in.name)
+		if _, err := in.sup.api().Stop(in.name); err != nil {
+			return fmt.Errorf("vtpmd serve: stop %s: %w", in.name, err)
+		}
+		return nil
 	case in.cmd == nil:
 		return nil // an existing TPM is left running
 	}

@@ -1,18 +1,18 @@
 package fleet
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sync"
 	"time"
+
+	"github.com/vtpmd/vtpmd/internal/serve"
 )
 
 // Server is one `vtpmd serve` supervisor serving every VM of a Kind: each
-// VM is created and started with `vtpmd ctl`, runs in a worker process of
+// VM is created and started with the admin API, runs in a worker process of
 // the supervisor, and has the data socket <run dir>/<name>.data and the
 // control socket <run dir>/<name>.ctrl. The workers die with the
 // supervisor (PDEATHSIG).
@@ -75,20 +75,12 @@ func (s *Server) ensure() error {
 	return nil
 }
 
-// ctl runs `vtpmd ctl` with args.
-func (s *Server) ctl(timeout time.Duration, args ...string) error {
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
-	argv := append([]string{"ctl", "--admin", s.admin()}, args...)
-	out, err := exec.CommandContext(ctx, s.Path, argv...).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("vtpmd %v: %w: %s", argv, err, out)
-	}
-	return nil
-}
+// api is a client of the supervisor's admin API, as a management tool
+// uses it (`vtpmd ctl` is one, whose own process start is not the VM's).
+func (s *Server) api() *serve.Client { return serve.NewClient(s.admin()) }
 
 // startVM creates (once) and starts the VM named after dir's last element,
-// and connects to it. Ready counts from `vtpmd ctl start`.
+// and connects to it. Ready counts from the admin API's start request.
 func (s *Server) startVM(kind Kind, dir string) (*Instance, error) {
 	if err := s.ensure(); err != nil {
 		return nil, err
@@ -98,8 +90,8 @@ func (s *Server) startVM(kind Kind, dir string) (*Instance, error) {
 	sup, created := s.in, s.created[name]
 	s.mu.Unlock()
 	if !created {
-		if err := s.ctl(ReadyTimeout, "create", "--data", "--startup-clear", name); err != nil {
-			return nil, err
+		if _, err := s.api().Create(serve.CreateRequest{Name: name, Data: true, StartupClear: true}); err != nil {
+			return nil, fmt.Errorf("vtpmd serve: create %s: %w", name, err)
 		}
 		s.mu.Lock()
 		s.created[name] = true
@@ -111,9 +103,9 @@ func (s *Server) startVM(kind Kind, dir string) (*Instance, error) {
 	live[in] = true
 	liveMu.Unlock()
 	start := time.Now()
-	if err := s.ctl(ReadyTimeout, "start", name); err != nil {
+	if _, err := s.api().Start(name); err != nil {
 		in.Kill()
-		return nil, err
+		return nil, fmt.Errorf("vtpmd serve: start %s: %w", name, err)
 	}
 	if err := in.connect(start); err != nil {
 		in.Kill()

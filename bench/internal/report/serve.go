@@ -22,7 +22,7 @@ func (r *Report) serveTables() []table {
 	}
 	mem := table{title: sd + ": memory per idle VM (worker processes, and the supervisor's share), against one " + Baseline + " process per VM",
 		header: []string{"VMs", "worker RSS", "worker PSS", "supervisor PSS / VMs", "PSS per VM", Baseline + " PSS", "PSS ratio"}}
-	mem.notes = append(mem.notes, "worker RSS is the median worker's; worker PSS is the workers' PSS summed and divided by the VMs; PSS per VM adds the supervisor's PSS divided by the VMs.")
+	mem.notes = append(mem.notes, "worker RSS is the median worker's; worker PSS is the workers' PSS (the idle spare worker's included) summed and divided by the VMs; PSS per VM adds the supervisor's PSS divided by the VMs.")
 	for _, n := range r.Settings.VMs {
 		m, ok := r.MemoryOf(sd, n)
 		if !ok {
@@ -35,7 +35,7 @@ func (r *Report) serveTables() []table {
 		}
 		mem.rows = append(mem.rows, row)
 	}
-	start := table{title: sd + ": `vtpmd ctl start` to the first answered command, against " + Baseline + "'s process start to its first answer (median)",
+	start := table{title: sd + ": the admin API's start request to the first answered command, against " + Baseline + "'s process start to its first answer (median)",
 		header: []string{"state", sd, Baseline, "ratio"}}
 	for _, st := range []string{"new", "existing"} {
 		s, ok := r.StartupOf(sd, st)
