@@ -736,6 +736,7 @@ func TestServeSpareWorkers(t *testing.T) {
 	c := &vmClient{name: "vm1", ctrl: s.status(t, "vm1").Ctrl, data: s.status(t, "vm1").Data}
 	require.NoError(t, c.run(2, func() bool { return false }))
 	require.Eventually(t, func() bool { return len(spares()) == 1 }, 10*time.Second, 10*time.Millisecond, "a new spare")
+	require.Eventually(t, func() bool { return s.spareMetric(t) == 1 }, 10*time.Second, 10*time.Millisecond, "vtpmd_spare_workers")
 
 	// A spare that died idle: the start notices and starts a worker.
 	require.NoError(t, syscall.Kill(spares()[0], syscall.SIGKILL))
@@ -752,6 +753,15 @@ func TestServeSpareWorkers(t *testing.T) {
 	none.ctlOK(t, "start", "vm1")
 	assert.Contains(t, none.stderr.String(), "spare=false")
 	assert.Equal(t, []int{none.status(t, "vm1").PID}, workersOf(t, none.pid()), "no spare")
+	assert.Zero(t, none.spareMetric(t))
+}
+
+// spareMetric is the supervisor's vtpmd_spare_workers.
+func (s *serveTPM) spareMetric(t *testing.T) float64 {
+	t.Helper()
+	v, ok := metricValue(metricFamilies(t, s.ctlOK(t, "metrics")), "vtpmd_spare_workers", nil)
+	require.True(t, ok)
+	return v
 }
 
 // A supervisor running as root runs its workers as the --worker-user.

@@ -114,10 +114,11 @@
 // (vtpmd_guardian_calls_total; reset when the worker restarts);
 // the state commits' latency (vtpmd_state_commit_duration_seconds) and the
 // store's WAL syncs (vtpmd_state_wal_syncs_total: commits per sync is the
-// group commit's batch size); and the supervisor's process and Go
-// metrics. The workers count their commands in memory (package metrics);
-// the supervisor asks each for its counts (workerproto.StatsRequest) when
-// scraped, so a TPM command costs no message.
+// group commit's batch size); the idle spare workers
+// (vtpmd_spare_workers); and the supervisor's process and Go metrics. The
+// workers count their commands in memory (package metrics); the supervisor
+// asks each for its counts (workerproto.StatsRequest) when scraped, so a
+// TPM command costs no message.
 //
 // # Failures
 //

@@ -36,6 +36,9 @@ var (
 	descSyncs = prometheus.NewDesc("vtpmd_state_wal_syncs_total",
 		"Syncs of the state store's write-ahead log: concurrent state commits share one, so commits per sync is the group commit's batch size.",
 		nil, nil)
+	descSpares = prometheus.NewDesc("vtpmd_spare_workers",
+		"Workers started ahead of need, with no VM, ready for the next VM's start (--spare-workers).",
+		nil, nil)
 )
 
 // commitBuckets are the bounds of the state commit latency histogram, in
@@ -70,7 +73,7 @@ func (p slogPrinter) Println(v ...any) { p.s.log.Warn("metrics", "err", v) }
 type vmCollector struct{ s *Supervisor }
 
 func (vmCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descCommand, descDirect, descUp, descRestarts, descGuardian, descSyncs} {
+	for _, d := range []*prometheus.Desc{descCommand, descDirect, descUp, descRestarts, descGuardian, descSyncs, descSpares} {
 		ch <- d
 	}
 }
@@ -78,6 +81,7 @@ func (vmCollector) Describe(ch chan<- *prometheus.Desc) {
 func (c vmCollector) Collect(ch chan<- prometheus.Metric) {
 	s := c.s
 	ch <- prometheus.MustNewConstMetric(descSyncs, prometheus.CounterValue, float64(s.store.WALSyncs()))
+	ch <- prometheus.MustNewConstMetric(descSpares, prometheus.GaugeValue, float64(s.spares.ready()))
 	s.mu.Lock()
 	runs := make([]*vmRun, 0, len(s.runs))
 	for _, r := range s.runs {

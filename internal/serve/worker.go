@@ -385,6 +385,13 @@ func (p *sparePool) take() *startedWorker {
 	return w
 }
 
+// ready counts the idle spares.
+func (p *sparePool) ready() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.idle)
+}
+
 // fill starts the spares that are missing, in the background.
 func (p *sparePool) fill() {
 	p.mu.Lock()
