@@ -90,7 +90,7 @@ bench: build
 .PHONY: bench-full
 bench-full: build
 	$(GO) build -o bin/vtpmbench ./bench/cmd/vtpmbench
-	./bin/vtpmbench -vtpmd bin/vtpmd -vms 1,4,16,64,256 -ops all -duration 2s -rounds 2 -setup-runs 20 -guardian-runs 20 -serve
+	./bin/vtpmbench -vtpmd bin/vtpmd -vms 1,4,16,64,256 -ops all -duration 2s -rounds 2 -starts 15 -setup-runs 20 -guardian-runs 20 -serve
 
 # Every fuzz target in fuzz/, one at a time (go test takes one -fuzz target
 # per run), FUZZTIME each, or FUZZBUDGET seconds shared among them so that
