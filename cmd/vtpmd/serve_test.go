@@ -713,9 +713,8 @@ func TestServeWorkerIsolation(t *testing.T) {
 }
 
 // A start takes the spare worker, started ahead with no VM, and another
-// spare replaces it; a spare that died idle is replaced by a new worker at
-// the start that finds it; with --spare-workers 0 every start starts its
-// worker.
+// spare replaces it; a spare killed while idle is reaped and replaced; with
+// --spare-workers 0 every start starts its worker.
 func TestServeSpareWorkers(t *testing.T) {
 	s := startServe(t, "")
 	spares := func() []int {
@@ -738,13 +737,21 @@ func TestServeSpareWorkers(t *testing.T) {
 	require.Eventually(t, func() bool { return len(spares()) == 1 }, 10*time.Second, 10*time.Millisecond, "a new spare")
 	require.Eventually(t, func() bool { return s.spareMetric(t) == 1 }, 10*time.Second, 10*time.Millisecond, "vtpmd_spare_workers")
 
-	// A spare that died idle: the start notices and starts a worker.
-	require.NoError(t, syscall.Kill(spares()[0], syscall.SIGKILL))
+	// A spare killed while idle is reaped and replaced, before any start.
+	killed := spares()[0]
+	require.NoError(t, syscall.Kill(killed, syscall.SIGKILL))
+	require.Eventually(t, func() bool {
+		now := spares()
+		return len(now) == 1 && now[0] != killed && zombie(killed)
+	}, 10*time.Second, 10*time.Millisecond, "the killed spare reaped and replaced")
+	_, err := os.Stat(fmt.Sprintf("/proc/%d", killed))
+	assert.ErrorIs(t, err, fs.ErrNotExist, "the killed spare is reaped")
+	assert.Contains(t, s.stderr.String(), fmt.Sprintf("spare worker ended while idle; starting another\" pid=%d", killed))
+	replacement := spares()[0]
 	s.ctlOK(t, "start", "vm2")
 	st := s.status(t, "vm2")
 	assert.Equal(t, "running", st.State)
-	assert.Zero(t, st.Restarts)
-	assert.Contains(t, s.stderr.String(), "spare worker lost; starting a new one")
+	assert.Equal(t, replacement, st.PID)
 	c = &vmClient{name: "vm2", ctrl: st.Ctrl, data: st.Data}
 	require.NoError(t, c.run(2, func() bool { return false }))
 

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
 	"strconv"
 	"sync"
 	"syscall"
@@ -295,6 +296,8 @@ type startedWorker struct {
 	conn    *net.UnixConn // the channel
 	records net.Conn
 	spare   bool // started ahead of need
+	// watched is closed when the idle spare's watch has ended.
+	watched chan struct{}
 }
 
 // startWorker starts a worker process. It has no VM until assigned one.
@@ -381,8 +384,49 @@ func (p *sparePool) take() *startedWorker {
 		p.idle = p.idle[1:]
 	}
 	p.mu.Unlock()
+	if w != nil {
+		// End the watch: the channel is the VM's from now on.
+		_ = w.conn.SetReadDeadline(time.Now())
+		<-w.watched
+		_ = w.conn.SetReadDeadline(time.Time{})
+	}
 	p.fill()
 	return w
+}
+
+// watch waits in the background for the idle spare w to end (a spare
+// sends nothing before it is assigned, so anything readable on its
+// channel is its end), and replaces it: a spare killed while idle (the OOM
+// killer, an operator) is reaped and not handed to a VM. take ends the
+// watch with a read deadline.
+func (p *sparePool) watch(w *startedWorker) {
+	w.watched = make(chan struct{})
+	go func() {
+		defer close(w.watched)
+		rc, err := w.conn.SyscallConn()
+		if err != nil {
+			return
+		}
+		var b [1]byte
+		if err := rc.Read(func(fd uintptr) bool {
+			_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+			return err != syscall.EAGAIN
+		}); err != nil {
+			return // take's deadline, or close
+		}
+		p.mu.Lock()
+		i := slices.Index(p.idle, w)
+		if i >= 0 {
+			p.idle = slices.Delete(p.idle, i, i+1)
+		}
+		p.mu.Unlock()
+		if i < 0 {
+			return // taken meanwhile: its start finds it gone
+		}
+		p.log.Warn("spare worker ended while idle; starting another", "pid", w.cmd.Process.Pid)
+		w.discard()
+		p.fill()
+	}()
 }
 
 // ready counts the idle spares.
@@ -416,6 +460,7 @@ func (p *sparePool) fill() {
 			keep := err == nil && !p.closed
 			if keep {
 				p.idle = append(p.idle, w)
+				p.watch(w)
 			}
 			p.mu.Unlock()
 			if err == nil && !keep {
