@@ -85,41 +85,42 @@ var ErrSupervisorGone = errors.New("the supervisor is gone")
 // VM's name once it has one. A spare that the supervisor lets go (the
 // channel closes before Assign) ends with no error.
 func Run(ctx context.Context, c Config) error {
-	log := c.Log
-	err := run(ctx, c, &log)
+	log, err := run(ctx, c)
 	if err != nil {
 		log.Error("worker failed", "err", err)
 	}
 	return err
 }
 
-func run(ctx context.Context, c Config, log **slog.Logger) error {
+// run is Run; it returns the logger of the worker's lines, the VM's once
+// it has one.
+func run(ctx context.Context, c Config) (*slog.Logger, error) {
 	defer c.Records.Close()
 	conn, err := net.FileConn(c.Channel)
 	c.Channel.Close()
 	if err != nil {
-		return fmt.Errorf("the channel to the supervisor: %w", err)
+		return c.Log, fmt.Errorf("the channel to the supervisor: %w", err)
 	}
 	defer conn.Close()
 	ch, ok := conn.(*net.UnixConn)
 	if !ok {
-		return fmt.Errorf("the channel to the supervisor is a %T, not a unix socket", conn)
+		return c.Log, fmt.Errorf("the channel to the supervisor is a %T, not a unix socket", conn)
 	}
 	// The engine's first start in a process costs milliseconds (OpenSSL's
 	// configuration and algorithm tables); later ones, tens of
 	// microseconds. A spare pays it before its VM comes.
 	if _, err := vtpm.Describe(); err != nil {
-		return err
+		return c.Log, err
 	}
 	a, files, err := workerproto.ReadAssign(ch)
 	switch {
 	case errors.Is(err, io.EOF):
-		return nil
+		return c.Log, nil
 	case err != nil:
-		return err
+		return c.Log, err
 	}
-	*log = (*log).With("vm", a.Name)
-	return newAssignment(a, files, *log).serve(ctx, ch, c.Records)
+	log := c.Log.With("vm", a.Name)
+	return log, newAssignment(a, files, log).serve(ctx, ch, c.Records)
 }
 
 // serve serves the assigned VM.

@@ -1,6 +1,7 @@
 // Package workerproto is the protocol between the supervisor of `vtpmd
 // serve` and its workers, over the two socketpairs each worker inherits:
-// typed messages and one codec.
+// typed messages and one codec (WriteMessage, ReadMessage), and Assign's
+// pair, which carries descriptors too.
 //
 // A frame is a 4-byte big-endian length, then that many bytes: a type byte
 // and the message's fields (strings and byte strings with a 2- or 4-byte
@@ -12,13 +13,14 @@
 // for good: the VM's listening sockets come with its frame as SCM_RIGHTS
 // (WriteAssign, ReadAssign).
 //
-// Then the supervisor sends Key, or, for a host with a guardian, Guardian: the worker obtains the key from the guardian itself
-// when its TPM starts, so that the key is never in the supervisor. The
-// worker says Ready once it serves its sockets, and a guardian worker tells
-// how each attempt to obtain the key went (KeyStatus). The supervisor may
-// send StatsRequest at any time (a metrics scrape); the worker answers with
-// Stats, its TPM command counts and guardian calls, so that the per-command
-// path costs no message. Nothing else is answered.
+// Then the supervisor sends Key, or, for a host with a guardian, Guardian:
+// the worker obtains the key from the guardian itself when its TPM starts,
+// so that the key is never in the supervisor. The worker says Ready once it
+// serves its sockets, and a guardian worker tells how each attempt to
+// obtain the key went (KeyStatus). The supervisor may send StatsRequest at
+// any time (a metrics scrape); the worker answers with Stats, its TPM
+// command counts and guardian calls, so that the per-command path costs no
+// message. Nothing else is answered.
 //
 // On the records channel the worker asks and the supervisor answers, one
 // request at a time, and nothing else is sent: Get is answered by Record,
