@@ -726,7 +726,7 @@ func TestServeSpareWorkers(t *testing.T) {
 		}
 		return out
 	}
-	require.Eventually(t, func() bool { return len(spares()) == 1 }, 10*time.Second, 10*time.Millisecond, "one spare before any VM")
+	require.Eventually(t, func() bool { return len(spares()) == 1 && s.spareMetric(t) == 1 }, 10*time.Second, 10*time.Millisecond, "one spare before any VM")
 	spare := spares()[0]
 	s.ctlOK(t, "create", "--data", "vm1", "vm2", "vm3")
 	s.ctlOK(t, "start", "vm1")
