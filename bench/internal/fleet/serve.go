@@ -3,7 +3,7 @@ package fleet
 import (
 	"errors"
 	"fmt"
-	"os"
+	"net"
 	"path/filepath"
 	"sync"
 	"time"
@@ -42,8 +42,8 @@ func (s *Server) runDir() string { return filepath.Join(s.Dir, "run") }
 
 func (s *Server) admin() string { return filepath.Join(s.runDir(), "admin.sock") }
 
-// ensure starts the supervisor if it is not running and waits for its
-// admin socket.
+// ensure starts the supervisor if it is not running and waits until its
+// admin socket takes connections.
 func (s *Server) ensure() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -58,7 +58,10 @@ func (s *Server) ensure() error {
 		return err
 	}
 	for {
-		if _, err := os.Stat(s.admin()); err == nil {
+		// A connection, not the file: the socket is bound before it
+		// listens.
+		if c, err := net.Dial("unix", s.admin()); err == nil {
+			c.Close()
 			break
 		}
 		if in.Exited() {
