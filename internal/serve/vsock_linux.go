@@ -10,7 +10,7 @@ import (
 )
 
 // listenVsock opens a listening vsock socket on port of every local CID
-// (VMADDR_CID_ANY), for a worker to inherit: the worker lets in only its
+// (VMADDR_CID_ANY), to hand to the VM's workers: a worker lets in only its
 // VM's CID.
 func listenVsock(port uint32) (*os.File, error) {
 	fd, err := unix.Socket(unix.AF_VSOCK, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)

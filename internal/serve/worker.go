@@ -35,9 +35,9 @@ const (
 )
 
 // vmRun keeps one VM's worker running, restarting it when it ends, until
-// shutdown. It holds the VM's listening sockets, which every worker of the
-// VM inherits, so the socket paths never change and clients queued on them
-// are served by the next worker.
+// shutdown. It holds the VM's listening sockets, which it hands every
+// worker of the VM (assign), so the socket paths never change and clients
+// queued on them are served by the next worker.
 type vmRun struct {
 	s          *Supervisor
 	vm         state.VM

@@ -9,7 +9,7 @@ import (
 	"github.com/mdlayher/vsock"
 )
 
-// vsockListener is the inherited listening vsock socket f, letting in only
+// vsockListener is the assigned listening vsock socket f, letting in only
 // the VM's CID: any guest of the host may connect to a host port.
 func vsockListener(f *os.File, cid uint32, log *slog.Logger) (net.Listener, error) {
 	if cid == 0 {
