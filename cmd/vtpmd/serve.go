@@ -101,9 +101,10 @@ func runServe(args []string, stdout io.Writer) error {
 		{long: "log-file", takesValue: true, set: setString(&logFile)},
 		{long: "help", short: "h", set: setBool(&help)},
 		{long: "spare-workers", takesValue: true, set: func(s string) error {
+			// serve.Open checks the bound, for the config file too.
 			n, err := strconv.Atoi(s)
-			if err != nil || n < 0 || n > serve.MaxSpareWorkers {
-				return fmt.Errorf("--spare-workers %q: use 0 to %d", s, serve.MaxSpareWorkers)
+			if err != nil || n < 0 {
+				return fmt.Errorf("--spare-workers %q is not a count", s)
 			}
 			spares = n
 			return nil
