@@ -157,22 +157,25 @@ func (r *Report) loadTable() table {
 // Headline is the geometric mean of the throughput ratios of every
 // operation at vms VMs (0: over all cells), and the number of ratios.
 func (r *Report) Headline(vms int) (float64, int) {
-	return r.geomean(vms, func(c Cell) float64 { return c.OpsPerSec })
+	return r.geomean(r.Subject(), vms, func(c Cell) float64 { return c.OpsPerSec })
 }
 
 // CPUHeadline is the geometric mean of the CPU-per-operation ratios.
 func (r *Report) CPUHeadline(vms int) (float64, int) {
-	return r.geomean(vms, func(c Cell) float64 { return c.CPUPer1000 })
+	return r.geomean(r.Subject(), vms, func(c Cell) float64 { return c.CPUPer1000 })
 }
 
-func (r *Report) geomean(vms int, metric func(Cell) float64) (float64, int) {
+// geomean is the geometric mean of daemon's ratios to the baseline of
+// metric, at vms VMs (0: over all cells), and the number of ratios.
+func (r *Report) geomean(daemon string, vms int, metric func(Cell) float64) (float64, int) {
 	sum, n := 0.0, 0
 	for _, op := range r.Ops {
 		for _, v := range r.Settings.VMs {
 			if vms != 0 && v != vms {
 				continue
 			}
-			s, b, okS, okB := r.pair(op.Name, v)
+			s, okS := r.Cell(daemon, op.Name, v)
+			b, okB := r.Cell(Baseline, op.Name, v)
 			if q := ratio(metric(s), metric(b)); okS && okB && !math.IsNaN(q) && q > 0 {
 				sum += math.Log(q)
 				n++
@@ -380,6 +383,9 @@ func (r *Report) tables() []table {
 	var ts []table
 	if r.HasBaseline() && r.Subject() != "" {
 		ts = append(ts, r.headlineTable())
+		if t := r.targetsTable(); len(t.rows) > 0 {
+			ts = append(ts, t)
+		}
 	}
 	ts = append(ts, r.loadTable())
 	if len(r.Daemons) > 2 || (len(r.Daemons) == 2 && !r.HasBaseline()) {
