@@ -36,8 +36,9 @@
 // can connect again. The worker is a spare when one is idle: the
 // supervisor keeps spare_workers (--spare-workers, default 1) workers
 // started ahead with no VM, and starts a replacement in the background
-// whenever one is taken, so that a start does not wait for a process's
-// start and the engine's first. An idle spare that ends (killed) is reaped
+// once the VM that took one is ready (not while its start runs, which would
+// share the CPU with the replacement's), so that a start does not wait for
+// a process's start and the engine's first. An idle spare that ends (killed) is reaped
 // and replaced at once; one that ends as a start takes it is replaced by a
 // worker started then. A spare serves the one VM it is assigned. The
 // worker serves them itself with a transport.Server (no extra hop). It runs

@@ -223,6 +223,7 @@ func (r *vmRun) runWorker() (int, error) {
 	w.close()
 	err = cmd.Wait()
 	close(exited)
+	r.s.spares.fill() // if it ended before it was ready
 	var exitErr *exec.ExitError
 	if errors.As(err, &exitErr) {
 		if ws, ok := exitErr.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
@@ -374,8 +375,9 @@ type sparePool struct {
 	wg       sync.WaitGroup // the starts under way
 }
 
-// take returns an idle spare, or nil, and starts the spares that are
-// missing.
+// take returns an idle spare, or nil. The spare is replaced once the VM
+// that takes it has started (see refill), not now: a worker's start is
+// several milliseconds of CPU, which the VM's own start would share.
 func (p *sparePool) take() *startedWorker {
 	p.mu.Lock()
 	var w *startedWorker
@@ -390,7 +392,6 @@ func (p *sparePool) take() *startedWorker {
 		<-w.watched
 		_ = w.conn.SetReadDeadline(time.Time{})
 	}
-	p.fill()
 	return w
 }
 
@@ -565,6 +566,7 @@ func (r *vmRun) listen(conn net.Conn, pid int) error {
 			r.phase, r.pid, r.conn = "running", pid, conn
 			r.mu.Unlock()
 			r.readyOnce.Do(func() { close(r.ready) })
+			r.s.spares.fill() // the start is done: replace the spare it took
 		case workerproto.Stats:
 			select {
 			case r.statsCh <- m:
