@@ -83,11 +83,13 @@ func TestDriverAgainstVtpmd(t *testing.T) {
 			assert.GreaterOrEqual(t, c.CPUPer1000, 0.0, "%s %s", d, op.Name)
 		}
 
+		commands := map[string]float64{"createprimary": 2, "createload": 3}[op.Name]
 		for _, store := range []string{"memory", "file", "vtpmd"} {
 			e, ok := rep.EngineCell(op.Name, store)
 			require.True(t, ok, "engine %s %s", store, op.Name)
 			assert.Empty(t, e.Error, "engine %s %s", store, op.Name)
 			assert.Positive(t, e.Ops, "engine %s %s", store, op.Name)
+			assert.Equal(t, max(commands, 1), e.Commands, "engine %s %s: commands per operation", store, op.Name)
 		}
 	}
 	echo, ok := rep.Cell(report.Echo, "echo", 1)

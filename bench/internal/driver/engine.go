@@ -20,10 +20,14 @@ import (
 	"github.com/vtpmd/vtpmd/vtpm"
 )
 
-// engineRT runs commands on an in-process Device.
-type engineRT struct{ dev *vtpm.Device }
+// engineRT runs commands on an in-process Device, counting them.
+type engineRT struct {
+	dev  *vtpm.Device
+	sent int64
+}
 
-func (e engineRT) RoundTrip(cmd []byte) ([]byte, error) {
+func (e *engineRT) RoundTrip(cmd []byte) ([]byte, error) {
+	e.sent++
 	return e.dev.Execute(context.Background(), cmd), nil
 }
 
@@ -167,7 +171,7 @@ func engineFloor(ctx context.Context, ops []workload.Op, storeName, dir string, 
 	if err := dev.Init(false); err != nil {
 		return nil, err
 	}
-	rt := engineRT{dev}
+	rt := &engineRT{dev: dev}
 	if resp, _ := rt.RoundTrip(startupClear); len(resp) < 10 || resp[9] != 0 || resp[8] != 0 {
 		return nil, fmt.Errorf("engine: TPM2_Startup failed: % x", resp)
 	}
@@ -189,6 +193,7 @@ func engineFloor(ctx context.Context, ops []workload.Op, storeName, dir string, 
 			continue
 		}
 		var lat []time.Duration
+		sent := rt.sent
 		start := time.Now()
 		end := start.Add(d)
 		for t0 := start; t0.Before(end) && ctx.Err() == nil; {
@@ -201,12 +206,14 @@ func engineFloor(ctx context.Context, ops []workload.Op, storeName, dir string, 
 			t0 = t1
 		}
 		elapsed := time.Since(start)
+		sent = rt.sent - sent // before Close's own commands
 		if err := phase.Close(rt); err != nil && cell.Error == "" {
 			cell.Error = err.Error()
 		}
 		if n := len(lat); n > 0 {
 			slices.Sort(lat)
 			cell.Ops = int64(n)
+			cell.Commands = float64(sent) / float64(n)
 			cell.Mean = elapsed / time.Duration(n)
 			cell.P50 = lat[n/2]
 			cell.P99 = lat[min(n-1, n*99/100)]

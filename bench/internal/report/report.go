@@ -105,10 +105,13 @@ type EngineCell struct {
 	// file per change) or "vtpmd" (vtpmd's own store).
 	Store string
 	Ops   int64
-	Mean  time.Duration
-	P50   time.Duration
-	P99   time.Duration
-	Error string `json:",omitempty"`
+	// Commands is the number of TPM commands one operation sends (0 in
+	// the results of runs that did not count them: one).
+	Commands float64 `json:",omitempty"`
+	Mean     time.Duration
+	P50      time.Duration
+	P99      time.Duration
+	Error    string `json:",omitempty"`
 }
 
 // Memory is the median memory of idle instances of a daemon while VMs of

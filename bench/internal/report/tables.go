@@ -213,7 +213,7 @@ func (r *Report) floorTable() table {
 	n := r.Settings.VMs[0]
 	t := table{
 		title: fmt.Sprintf("Floors: the engine in process and the daemons' median latency at %d VM(s)", n),
-		header: []string{"op", "engine, memory store", "engine, in-place fdatasync", "engine, fsynced file", "engine, vtpmd's store",
+		header: []string{"op", "commands", "engine, memory store", "engine, in-place fdatasync", "engine, fsynced file", "engine, vtpmd's store",
 			fmt.Sprintf("%s p50 @%d", sub, n)},
 	}
 	if r.HasBaseline() {
@@ -221,7 +221,7 @@ func (r *Report) floorTable() table {
 	}
 	t.header = append(t.header, fmt.Sprintf("echo p50 @%d", n))
 	t.notes = append(t.notes,
-		"engine: mean time of vtpm.Device.Execute of the same command bytes in this process (one engine per process); the memory store keeps nothing; in-place fdatasync writes the image over itself in one file and fdatasyncs it, which a torn write could lose, so it is below what any crash-safe store must do: the disk's floor for a durable write; the fsynced file is replaced atomically and fsynced with its directory on every change; vtpmd's store is the one `vtpmd socket` uses (internal/vmstate: sealed records and deltas in the state store).",
+		"commands: the TPM commands one operation sends, each a round trip. engine: mean time of vtpm.Device.Execute of the same command bytes in this process (one engine per process); the memory store keeps nothing; in-place fdatasync writes the image over itself in one file and fdatasyncs it, which a torn write could lose, so it is below what any crash-safe store must do: the disk's floor for a durable write; the fsynced file is replaced atomically and fsynced with its directory on every change; vtpmd's store is the one `vtpmd socket` uses (internal/vmstate: sealed records and deltas in the state store).",
 		"echo: the round trip of a trivial echo server (a C loop of poll, read and write, with no command run between) over the same unix stream socket type, one process per VM: the transport's floor; the daemon's latency minus echo and engine is its own overhead. At one VM both CPUs idle between round trips, and the echo's median can then sit above the daemons' (it measures how soon an idle CPU wakes, which varies from run to run on a virtual machine): the daemons' own medians are the better floor there.")
 	echo, _ := r.Cell(Echo, "echo", n)
 	for _, op := range r.Ops {
@@ -230,7 +230,8 @@ func (r *Report) floorTable() table {
 		file, _ := r.EngineCell(op.Name, "file")
 		own, _ := r.EngineCell(op.Name, "vtpmd")
 		s, _ := r.Cell(sub, op.Name, n)
-		row := []string{op.Name, engineText(mem), engineText(sync), engineText(file), engineText(own), fmtDur(s.P50)}
+		_, commands := r.engineFloor(op.Name)
+		row := []string{op.Name, strconv.FormatFloat(commands, 'f', -1, 64), engineText(mem), engineText(sync), engineText(file), engineText(own), fmtDur(s.P50)}
 		if r.HasBaseline() {
 			b, _ := r.Cell(Baseline, op.Name, n)
 			row = append(row, fmtDur(b.P50))

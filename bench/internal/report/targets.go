@@ -49,19 +49,20 @@ func (r *Report) contenders() []string {
 
 // engineFloor is the engine's in-process time for op with the disk's floor
 // for a durable write (the image written in place and fdatasynced), or
-// without a store if that was not measured; 0 if neither was.
-func (r *Report) engineFloor(op string) time.Duration {
+// without a store if that was not measured, and the commands op sends (at
+// least one); a zero time if neither was measured.
+func (r *Report) engineFloor(op string) (time.Duration, float64) {
 	for _, store := range []string{"sync", "memory"} {
 		if c, ok := r.EngineCell(op, store); ok && c.Error == "" && c.Mean > 0 {
-			return c.Mean
+			return c.Mean, max(c.Commands, 1)
 		}
 	}
-	return 0
+	return 0, 1
 }
 
 // ceiling is the highest rate of op at vms VMs that the echo floor of the
 // run allows: the echo's rate, and at one VM, where each round trip waits
-// for the last, one round trip of the echo plus the engine's time per
+// for the last, an echo round trip per command plus the engine's time per
 // operation. It is 0 where the run has no echo.
 func (r *Report) ceiling(op string, vms int) float64 {
 	echo, ok := r.Cell(Echo, "echo", vms)
@@ -71,18 +72,20 @@ func (r *Report) ceiling(op string, vms int) float64 {
 	if vms != 1 {
 		return echo.OpsPerSec
 	}
-	roundTrip := time.Duration(float64(time.Second) / echo.OpsPerSec)
-	return float64(time.Second) / float64(roundTrip+r.engineFloor(op))
+	engine, commands := r.engineFloor(op)
+	roundTrips := commands * float64(time.Second) / echo.OpsPerSec
+	return float64(time.Second) / (roundTrips + float64(engine))
 }
 
-// latencyFloor is op's floor at one VM: the echo's median round trip plus
-// the engine's time.
+// latencyFloor is op's floor at one VM: the echo's median round trip per
+// command plus the engine's time.
 func (r *Report) latencyFloor(op string) time.Duration {
 	echo, ok := r.Cell(Echo, "echo", 1)
 	if !ok || echo.P50 <= 0 {
 		return 0
 	}
-	return echo.P50 + r.engineFloor(op)
+	engine, commands := r.engineFloor(op)
+	return time.Duration(commands*float64(echo.P50)) + engine
 }
 
 // count is "1 thing" or "n things".
@@ -110,8 +113,8 @@ func (r *Report) targetsTable() table {
 		header: []string{"target", "daemon", "goal", "measured", "floor's ceiling", "met"},
 	}
 	t.notes = append(t.notes,
-		fmt.Sprintf("floor's ceiling: the ratio to %s of the highest rate the echo floor allows, a daemon that answered in no time over the same socket to the same client: the echo's rate, and at one VM one echo round trip plus the engine's time for the operation (in-place fdatasync for a durable write). A goal above it cannot be met on this machine; at one VM the echo measures how soon an idle CPU wakes, so a daemon can land above it.", Baseline),
-		fmt.Sprintf("latency floor: the echo's median round trip at one VM plus the engine's time for the operation; the worst operation is shown. Start-up and memory have no floor; the daemon's worst ratio is shown (memory: over the VM counts; %s's start-up: its admin API's start request, against a %s process's start).", r.serveDaemon(), Baseline))
+		fmt.Sprintf("floor's ceiling: the ratio to %s of the highest rate the echo floor allows, a daemon that answered in no time over the same socket to the same client: the echo's rate, and at one VM an echo round trip per command plus the engine's time for the operation (in-place fdatasync for a durable write). A goal above it cannot be met on this machine; at one VM the echo measures how soon an idle CPU wakes, so a daemon can land above it.", Baseline),
+		fmt.Sprintf("latency floor: the echo's median round trip at one VM per command of the operation plus the engine's time for it; the worst operation is shown. Start-up and memory have no floor; the daemon's worst ratio is shown (memory: over the VM counts; %s's start-up: its admin API's start request, against a %s process's start).", r.serveDaemon(), Baseline))
 	for _, d := range r.contenders() {
 		t.rows = append(t.rows, r.throughputRows(d)...)
 		if row, ok := r.latencyRow(d); ok {
