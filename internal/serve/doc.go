@@ -36,11 +36,11 @@
 // can connect again. The worker is a spare when one is idle: the
 // supervisor keeps spare_workers (--spare-workers, default 1) workers
 // started ahead with no VM, and starts a replacement in the background
-// once the VM that took one is ready (not while its start runs, which would
-// share the CPU with the replacement's), so that a start does not wait for
-// a process's start and the engine's first. An idle spare that ends (killed) is reaped
-// and replaced at once; one that ends as a start takes it is replaced by a
-// worker started then. A spare serves the one VM it is assigned. The
+// once the VM that took one is ready (not while its start runs, whose CPU
+// the replacement's start would share), so that a start does not wait for
+// a process's start and the engine's first. An idle spare that ends
+// (killed) is reaped and replaced at once; one that ends as a start takes
+// it is replaced by a worker started then. A spare serves the one VM it is assigned. The
 // worker serves them itself with a transport.Server (no extra hop). It runs
 // with GOMAXPROCS=1 (a second P while its durable writes come fast),
 // no_new_privs, PR_SET_PDEATHSIG, no core dumps, in its own process group,

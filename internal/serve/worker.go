@@ -375,9 +375,9 @@ type sparePool struct {
 	wg       sync.WaitGroup // the starts under way
 }
 
-// take returns an idle spare, or nil. The spare is replaced once the VM
-// that takes it has started (see refill), not now: a worker's start is
-// several milliseconds of CPU, which the VM's own start would share.
+// take returns an idle spare, or nil. It starts no replacement: fill does,
+// once the VM's worker is ready or has ended, since a worker's start is
+// milliseconds of CPU that the VM's own start would share.
 func (p *sparePool) take() *startedWorker {
 	p.mu.Lock()
 	var w *startedWorker

@@ -128,6 +128,10 @@ type Memory struct {
 	SupervisorPSSKiB int64 `json:",omitempty"`
 }
 
+// PSSPerVMKiB is the PSS an idle VM costs: its process's, or for a
+// supervisor's workers, theirs and its share of the supervisor's.
+func (m Memory) PSSPerVMKiB() int64 { return m.PSSKiB + m.SupervisorPSSKiB }
+
 // Startup is the time from process start to the first answered command.
 type Startup struct {
 	Daemon string

@@ -28,7 +28,7 @@ func (r *Report) serveTables() []table {
 		if !ok {
 			continue
 		}
-		total := m.PSSKiB + m.SupervisorPSSKiB
+		total := m.PSSPerVMKiB()
 		row := []string{strconv.Itoa(n), fmtMiB(m.RSSKiB), fmtMiB(m.PSSKiB), fmtMiB(m.SupervisorPSSKiB), fmtMiB(total), "–", "–"}
 		if b, ok := r.MemoryOf(Baseline, n); ok {
 			row[5], row[6] = fmtMiB(b.PSSKiB), fmtRatio(ratio(float64(total), float64(b.PSSKiB)))

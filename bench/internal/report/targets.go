@@ -207,7 +207,7 @@ func (r *Report) memoryRow(d string) ([]string, bool) {
 		if !okS || !okB {
 			continue
 		}
-		q := ratio(float64(s.PSSKiB+s.SupervisorPSSKiB), float64(b.PSSKiB))
+		q := ratio(float64(s.PSSPerVMKiB()), float64(b.PSSKiB))
 		if math.IsNaN(q) {
 			continue
 		}
