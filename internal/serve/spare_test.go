@@ -24,17 +24,22 @@ func TestSparePoolReplacesOnlyWhenFilled(t *testing.T) {
 		if err != nil {
 			return nil, err
 		}
+		defer theirs.Close()
 		records, theirRecords, err := socketpair("spare records")
 		if err != nil {
+			conn.Close()
 			return nil, err
 		}
+		defer theirRecords.Close()
 		// Like a spare, it ends when its channel closes.
 		cmd := exec.Command("sh", "-c", "exec cat <&3 >/dev/null")
 		cmd.ExtraFiles = []*os.File{theirs, theirRecords}
-		err = cmd.Start()
-		theirs.Close()
-		theirRecords.Close()
-		return &startedWorker{cmd: cmd, conn: conn.(*net.UnixConn), records: records}, err
+		if err := cmd.Start(); err != nil {
+			conn.Close()
+			records.Close()
+			return nil, err
+		}
+		return &startedWorker{cmd: cmd, conn: conn.(*net.UnixConn), records: records}, nil
 	}}
 	t.Cleanup(p.close)
 	p.fill()
