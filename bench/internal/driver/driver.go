@@ -355,7 +355,7 @@ func (r *run) memory(daemon string, n int) error {
 	}
 	slices.Sort(rss)
 	slices.Sort(pss)
-	r.rep.Memory = append(r.rep.Memory, report.Memory{Daemon: daemon, VMs: n, RSSKiB: rss[len(rss)/2], PSSKiB: pss[n/2]})
+	r.rep.Memory = append(r.rep.Memory, report.Memory{Daemon: daemon, VMs: n, RSSKiB: rss[n/2], PSSKiB: pss[n/2]})
 	return nil
 }
 
