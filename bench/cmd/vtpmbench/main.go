@@ -10,8 +10,7 @@
 // With -serve it also measures `vtpmd serve`, one supervisor for every VM:
 // its memory per idle VM (the workers' PSS, and the supervisor's share
 // apart) and the time from the admin API's start request to the first
-// answer, beside
-// swtpm's.
+// answer, beside swtpm's.
 // It also measures the provisioning of a new VM's TPM with libvirt's
 // swtpm_setup options, `vtpmd setup` against swtpm_setup (-setup-runs),
 // and the time a VM's start spends in the guardian's attestation and key
